@@ -1,0 +1,107 @@
+"""fetalssl-report: tables and figures from a fine-tuning sweep directory.
+
+    fetalssl-report multirun/2024-06-01/12-00-00 --out report/ --metric macro_f1 balanced_accuracy
+
+Writes results.csv (mean, sample std, n per cell and metric), runs.csv (one row per run), results.md
+(tables per finetune mode + missing/failed runs), <metric>_vs_fraction.png (f1_vs_fraction.png for
+macro-F1) and confusion_grid.png, and prints the Markdown to stdout.
+Exit status: 0 ok, 1 nothing usable found (no metrics.json, or no successful run), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fetalssl.report.collect import METRIC_SECTIONS, collect_sweep
+from fetalssl.report.plots import plot_confusion_grid, plot_metric_vs_fraction, sum_confusions
+from fetalssl.report.tables import (
+    aggregate,
+    make_labeller,
+    render_markdown,
+    write_results_csv,
+    write_runs_csv,
+)
+
+DEFAULT_METRIC = "test.macro_f1"
+VIDEO_METRIC = "test_video.macro_f1"  # tabulated too when the runs report video-level scores
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fetalssl-report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", type=Path, help="directory searched recursively for metrics.json")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: SWEEP_DIR/report)")
+    parser.add_argument("--metric", nargs="+", default=None,
+                        help=f"metrics to tabulate and plot; a bare name means test.<name> "
+                             f"(default: {DEFAULT_METRIC}, plus {VIDEO_METRIC} when present)")
+    parser.add_argument("--cm-fraction", type=float, nargs="+", default=None,
+                        help="label fractions shown in confusion_grid.png (default: all)")
+    return parser
+
+
+def resolve_metric(name: str) -> str:
+    """"macro_f1" -> "test.macro_f1"; dotted names starting with a metrics section are kept."""
+    return name if name.split(".", 1)[0] in METRIC_SECTIONS else f"{METRIC_SECTIONS[0]}.{name}"
+
+
+def plot_filename(metric: str) -> str:
+    return "f1_vs_fraction.png" if metric == DEFAULT_METRIC else f"{metric.replace('.', '_')}_vs_fraction.png"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.sweep_dir.is_dir():
+        print(f"fetalssl-report: error: {args.sweep_dir} is not a directory", file=sys.stderr)
+        return 2
+    results = collect_sweep(args.sweep_dir)
+    if results.n_metrics_files == 0:
+        print(f"fetalssl-report: error: no metrics.json found under {args.sweep_dir} "
+              f"({len(results.incomplete)} run dirs without one)", file=sys.stderr)
+        return 1
+
+    available = {m for r in results.ok for m in r.metrics}
+    if args.metric is None:
+        metrics = [DEFAULT_METRIC] + ([VIDEO_METRIC] if VIDEO_METRIC in available else [])
+    else:
+        metrics = [resolve_metric(m) for m in args.metric]
+    unknown = [m for m in metrics if results.ok and m not in available]
+    if unknown:
+        print(f"fetalssl-report: error: metric(s) {', '.join(unknown)} not in any run; "
+              f"available: {', '.join(sorted(available))}", file=sys.stderr)
+        return 2
+
+    out = args.out if args.out is not None else args.sweep_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    cells = aggregate(results.ok)
+    markdown = render_markdown(cells, results, metrics)
+    written = [out / "results.csv", out / "runs.csv", out / "results.md"]
+    write_results_csv(cells, written[0])
+    write_runs_csv(results.ok, results.root, written[1])
+    written[2].write_text(markdown)
+    if results.ok:
+        for metric in metrics:
+            written.append(out / plot_filename(metric))
+            plot_metric_vs_fraction(cells, metric, written[-1])
+        confusions = sum_confusions(results.ok, make_labeller(results.ok), args.cm_fraction)
+        if confusions:
+            written.append(out / "confusion_grid.png")
+            plot_confusion_grid(confusions, written[-1])
+        else:
+            logging.getLogger(__name__).warning("no readable confusion_matrix.csv, confusion_grid.png not written")
+
+    print(markdown)
+    print("Wrote:\n" + "\n".join(f"  {path}" for path in written))
+    if not results.ok:
+        print(f"fetalssl-report: error: no successful run under {args.sweep_dir} "
+              f"({len(results.failed)} failed, {len(results.malformed)} malformed)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""On-disk frame cache: each video decoded once into a .npy (uint8, short side resized, every `stride`-th frame),
+read at random by many DataLoader workers through np.memmap.
+
+Layout: <cache_dir>/frames/<key>.npy plus <cache_dir>/index.json. The key hashes the source path and the
+parameters (short_side, stride, rgb); an entry also records the source's size and mtime, so a touched or replaced
+source is rebuilt and a change of parameters makes new entries. Writes are atomic (temp file, fsync, os.replace)
+and the index entry is written after its .npy: a crash leaves at most an orphan temp file, never a readable half
+entry, and a rerun keeps every entry already complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fetalssl.data.index import VideoRecord
+from fetalssl.data.video import VideoReadError, read_frames
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+FRAMES_DIR = "frames"
+TMP_SUFFIX = ".tmp"
+FORMAT_VERSION = 1
+
+
+class CacheError(RuntimeError):
+    """The cache cannot be built at all (e.g. not one readable video)."""
+
+
+@dataclass(frozen=True)
+class CachedVideo:
+    """One cached video: `n_frames` cached frames, frame k of the cache is source frame k * stride."""
+
+    source: Path
+    patient_id: str
+    frames_file: Path
+    n_frames: int
+    fps: float  # of the source; the cache holds fps / stride frames per second
+    stride: int
+
+    def frames(self) -> np.ndarray:
+        """Read-only memmap (T, H, W) or (T, H, W, 3); open it inside the worker that reads it."""
+        return np.load(self.frames_file, mmap_mode="r")
+
+
+@dataclass
+class CacheSummary:
+    videos: list[CachedVideo]
+    built: int
+    reused: int
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def videos_read(self) -> int:
+        return len(self.videos)
+
+    @property
+    def frames_cached(self) -> int:
+        return sum(v.n_frames for v in self.videos)
+
+    def __str__(self) -> str:
+        lines = [
+            f"frame cache: {self.videos_read} videos ({self.built} decoded, {self.reused} reused), "
+            f"{self.frames_cached} frames, {len(self.skipped)} skipped"
+        ]
+        lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def entry_key(source: Path, short_side: int | None, stride: int, rgb: bool) -> str:
+    text = f"{Path(source).resolve()}|short_side={short_side}|stride={stride}|rgb={rgb}|v{FORMAT_VERSION}"
+    return hashlib.sha1(text.encode()).hexdigest()[:20]
+
+
+def _atomic_write(path: Path, write: Callable[[object], None]) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_index(cache_dir: Path) -> dict[str, dict]:
+    path = Path(cache_dir) / INDEX_NAME
+    if not path.exists():
+        return {}
+    try:
+        index = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        log.warning("frame cache index %s is corrupt; rebuilding the cache", path)
+        return {}
+    if index.get("version") != FORMAT_VERSION:
+        return {}
+    return index["entries"]
+
+
+def _write_index(cache_dir: Path, entries: dict[str, dict]) -> None:
+    payload = json.dumps({"version": FORMAT_VERSION, "entries": entries}, indent=1).encode()
+    _atomic_write(cache_dir / INDEX_NAME, lambda f: f.write(payload))
+
+
+def _is_fresh(entry: dict | None, stat: os.stat_result, cache_dir: Path) -> bool:
+    if entry is None or entry["size"] != stat.st_size or entry["mtime_ns"] != stat.st_mtime_ns:
+        return False
+    try:
+        frames = np.load(cache_dir / entry["file"], mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return list(frames.shape) == entry["shape"]
+
+
+def _cached_video(record: VideoRecord, entry: dict, cache_dir: Path) -> CachedVideo:
+    return CachedVideo(
+        source=record.path,
+        patient_id=record.patient_id,
+        frames_file=cache_dir / entry["file"],
+        n_frames=entry["shape"][0],
+        fps=entry["fps"],
+        stride=entry["stride"],
+    )
+
+
+def _remove_orphan_temps(cache_dir: Path) -> None:
+    for tmp in [*cache_dir.glob(f"*{TMP_SUFFIX}"), *(cache_dir / FRAMES_DIR).glob(f"*{TMP_SUFFIX}")]:
+        tmp.unlink(missing_ok=True)
+
+
+def build_cache(
+    records: Sequence[VideoRecord], cache_dir: str | Path, short_side: int | None, stride: int, rgb: bool
+) -> CacheSummary:
+    """Decode every record not already fresh in the cache; skip unreadable videos with one warning each.
+
+    Raises CacheError when no video at all could be cached.
+    """
+    cache_dir = Path(cache_dir)
+    (cache_dir / FRAMES_DIR).mkdir(parents=True, exist_ok=True)
+    _remove_orphan_temps(cache_dir)
+    entries = load_index(cache_dir)
+    summary = CacheSummary(videos=[], built=0, reused=0)
+    for record in records:
+        key = entry_key(record.path, short_side, stride, rgb)
+        try:
+            stat = record.path.stat()
+        except OSError as e:
+            _skip(summary, record.path, f"cannot stat ({e.strerror})")
+            continue
+        if _is_fresh(entries.get(key), stat, cache_dir):
+            summary.reused += 1
+        else:
+            try:
+                frames, fps = read_frames(record.path, rgb=rgb, stride=stride, short_side=short_side)
+            except VideoReadError as e:
+                _skip(summary, record.path, str(e).removeprefix(f"{record.path}: "))
+                continue
+            entry_file = f"{FRAMES_DIR}/{key}.npy"
+            _atomic_write(cache_dir / entry_file, lambda f, a=frames: np.save(f, a))
+            entries[key] = {
+                "source": str(record.path.resolve()),
+                "size": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns,
+                "short_side": short_side,
+                "stride": stride,
+                "rgb": rgb,
+                "fps": fps,
+                "shape": list(frames.shape),
+                "file": entry_file,
+            }
+            _write_index(cache_dir, entries)  # after its .npy, so a crash never indexes a half entry
+            summary.built += 1
+        summary.videos.append(_cached_video(record, entries[key], cache_dir))
+    if not summary.videos:
+        raise CacheError(
+            f"none of the {len(records)} videos could be read into {cache_dir}: "
+            + "; ".join(f"{path}: {reason}" for path, reason in summary.skipped[:10])
+        )
+    log.info("%s", summary)
+    return summary
+
+
+def _skip(summary: CacheSummary, path: Path, reason: str) -> None:
+    log.warning("skipping video %s: %s", path, reason)
+    summary.skipped.append((path, reason))
+
+
+def load_cache(
+    records: Sequence[VideoRecord], cache_dir: str | Path, short_side: int | None, stride: int, rgb: bool
+) -> list[CachedVideo]:
+    """The cached entries for `records` without decoding anything (sources that were skipped are absent).
+
+    Raises CacheError when none is cached: run build_cache (prepare_data / fetalssl-prepare) first.
+    """
+    cache_dir = Path(cache_dir)
+    entries = load_index(cache_dir)
+    videos = []
+    for record in records:
+        entry = entries.get(entry_key(record.path, short_side, stride, rgb))
+        if entry is not None and (cache_dir / entry["file"]).exists():
+            videos.append(_cached_video(record, entry, cache_dir))
+    if not videos:
+        raise CacheError(f"no cached frames in {cache_dir} for these videos; build the cache first")
+    return videos

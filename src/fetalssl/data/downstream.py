@@ -1,0 +1,202 @@
+"""Labelled standard-plane images for fine-tuning: patient-grouped splits and nested label fractions.
+
+Batches are `(images float (B, C, H, W), labels long (B,))`. Images are read as grayscale uint8, augmented
+with albumentations (given as instantiated `Compose` objects from conf/data/labelled.yaml), scaled to
+[0, 1], normalised with the configured mean/std and replicated to `channels`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import cv2
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fetalssl.data.splits import (
+    SPLITS,
+    LabelledImage,
+    check_classes_present,
+    check_given_splits,
+    grouped_split,
+    nested_fraction,
+    read_manifest,
+)
+from fetalssl.data.transforms import to_normalised_tensor
+
+log = logging.getLogger(__name__)
+
+SUBSET_FILE = "train_subset.csv"
+SUBSET_COLUMNS = ("image_path", "label", "patient_id")
+
+
+def load_grayscale(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise OSError(f"{path}: cannot be read as an image")
+    return image
+
+
+class LabelledImageDataset(Dataset):
+    def __init__(self, rows: Sequence[LabelledImage], classes: Sequence[str], transform: Callable,
+                 channels: int, mean: float, std: float, image_size: int):
+        self.rows = list(rows)
+        self.class_to_index = {c: i for i, c in enumerate(classes)}
+        self.transform = transform
+        self.channels = channels
+        self.mean = mean
+        self.std = std
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def image_paths(self) -> list[str]:
+        """Manifest paths (relative to the CSV / class-folder root), in loader order for unshuffled loaders."""
+        return [r.image_path for r in self.rows]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([self.class_to_index[r.label] for r in self.rows], dtype=np.int64)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        row = self.rows[index]
+        image = self.transform(image=load_grayscale(row.path))["image"]
+        if image.shape[:2] != (self.image_size, self.image_size):
+            raise ValueError(f"{row.path}: transform produced {image.shape[:2]}, expected image_size "
+                             f"{self.image_size}; check the transforms in conf/data/labelled.yaml")
+        # Same scaling as the pretraining frames; replicating after normalising is the cheaper order.
+        x = to_normalised_tensor(image[..., None], self.mean, self.std).repeat(self.channels, 1, 1)
+        return x, self.class_to_index[row.label]
+
+
+class DownstreamDataModule(L.LightningDataModule):
+    """Labelled images from a CSV or class folders, split by patient, with a nested training fraction.
+
+    Everything (reading, validation, splitting, subset selection) happens in the first `setup()` call, so all
+    input errors surface before training. `output_dir`, when given, receives train_subset.csv.
+    """
+
+    def __init__(self, root: str, classes: Sequence[str], patient_pattern: str,
+                 image_extensions: Sequence[str], val_fraction: float, test_fraction: float, split_seed: int,
+                 fraction: float, fraction_seed: int, image_size: int, channels: int, mean: float, std: float,
+                 train_transform: Callable, eval_transform: Callable, batch_size: int, num_workers: int,
+                 output_dir: str | Path | None = None):
+        super().__init__()
+        if channels not in (1, 3):
+            raise ValueError(f"channels={channels}: must be 1 or 3")
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction={fraction} must be in (0, 1]")
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"classes {list(classes)} has duplicates")
+        self.root = Path(root)
+        self.classes = list(classes)
+        self.patient_pattern = patient_pattern
+        self.image_extensions = list(image_extensions)
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.split_seed = split_seed
+        self.fraction = fraction
+        self.fraction_seed = fraction_seed
+        self.image_size = image_size
+        self.channels = channels
+        self.mean = mean
+        self.std = std
+        self.train_transform = train_transform
+        self.eval_transform = eval_transform
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.split_rows: dict[str, list[LabelledImage]] | None = None
+
+    # ---- manifest, splits, subset ------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.split_rows is not None:
+            return
+        rows = read_manifest(self.root, self.classes, self.patient_pattern, self.image_extensions)
+        # Sorted so the split and subset depend on the data only, not on CSV row or directory listing order.
+        rows.sort(key=lambda r: r.image_path)
+        if any(r.split is not None for r in rows):
+            check_given_splits(rows)
+            log.info("Using the splits given in %s", self.root)
+        else:
+            rows = self._split(rows)
+        check_classes_present(rows, self.classes)
+        by_split = {s: [r for r in rows if r.split == s] for s in SPLITS}
+        train = by_split["train"]
+        keep = nested_fraction(self._label_indices(train), self.fraction, self.fraction_seed)
+        by_split["train"] = [train[i] for i in keep]
+        self.split_rows = by_split
+        log.info("Split sizes: %s; training on %d of %d (fraction %s, seed %d)",
+                 {s: len(v) for s, v in by_split.items()}, len(keep), len(train), self.fraction,
+                 self.fraction_seed)
+        if self.output_dir is not None:
+            self.write_subset(self.output_dir / SUBSET_FILE)
+
+    def _label_indices(self, rows: Sequence[LabelledImage]) -> np.ndarray:
+        index = {c: i for i, c in enumerate(self.classes)}
+        return np.array([index[r.label] for r in rows], dtype=np.int64)
+
+    def _split(self, rows: list[LabelledImage]) -> list[LabelledImage]:
+        splits = grouped_split(self._label_indices(rows), [r.patient_id for r in rows], self.val_fraction,
+                               self.test_fraction, self.split_seed)
+        return [LabelledImage(r.path, r.image_path, r.label, r.patient_id, str(s), r.source)
+                for r, s in zip(rows, splits, strict=True)]
+
+    def rows(self, split: str) -> list[LabelledImage]:
+        """Rows of a split; "train" is the fraction subset actually trained on."""
+        if self.split_rows is None:
+            raise RuntimeError("call setup() first")
+        return self.split_rows[split]
+
+    def write_subset(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(SUBSET_COLUMNS)
+            writer.writerows((r.image_path, r.label, r.patient_id) for r in self.rows("train"))
+
+    def class_counts(self) -> np.ndarray:
+        """Images per class in the training subset, in `classes` order."""
+        return np.bincount(self._label_indices(self.rows("train")), minlength=len(self.classes))
+
+    def class_weights(self) -> torch.Tensor:
+        """N / N_c per class (N: training images, N_c: those of class c)."""
+        counts = self.class_counts()
+        return torch.tensor(counts.sum() / counts, dtype=torch.float32)
+
+    # ---- datasets and loaders ----------------------------------------------------------------------
+    def dataset(self, split: str, augment: bool = False) -> LabelledImageDataset:
+        transform = self.train_transform if augment else self.eval_transform
+        return LabelledImageDataset(self.rows(split), self.classes, transform, self.channels, self.mean,
+                                    self.std, self.image_size)
+
+    def loader(self, split: str, augment: bool = False, shuffle: bool = False) -> DataLoader:
+        return DataLoader(self.dataset(split, augment), batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train", augment=True, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.loader("test")
+
+
+def split_tensors(datamodule: DownstreamDataModule, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images of one split, un-augmented, as (images (N,C,H,W), labels (N,)): the pretraining probe's input."""
+    datamodule.setup()
+    images, labels = zip(*datamodule.dataset(split, augment=False), strict=True)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)

@@ -1,0 +1,289 @@
+"""Pretraining data: pairs of augmented frames from ultrasound videos, read from the frame cache.
+
+Reproducibility: sample i of epoch e is a pure function of (seed, e, i): the pair sampler and both
+albumentations pipelines are seeded from np.random.default_rng([seed, e, i]). Hence the samples do not depend on
+num_workers, and the epoch reaches the dataset through `EpochSampler.set_epoch`, which Lightning calls before every
+epoch (also through its DistributedSamplerWrapper under DDP). Workers are not persistent so each epoch's workers
+are forked after the epoch was set.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
+
+from fetalssl.data.cache import CachedVideo, CacheSummary, build_cache, load_cache
+from fetalssl.data.index import VideoRecord, index_videos
+from fetalssl.data.pairs import PairSpec, compose_view
+from fetalssl.data.transforms import to_normalised_tensor, with_channels
+
+log = logging.getLogger(__name__)
+
+CACHE_DIRNAME = ".fetalssl_cache"
+CACHE_RGB = False  # frames are cached grayscale; 3-channel inputs replicate gray (see with_channels)
+MAX_OPEN_MEMMAPS = 256  # per worker: bounds open file handles on datasets with thousands of videos
+
+
+def default_cache_dir(root: str | Path | None, manifest: str | Path | None) -> Path:
+    base = Path(manifest).parent if manifest is not None else Path(root)
+    return base / CACHE_DIRNAME
+
+
+def prepare_frame_cache(
+    root: str | Path | None,
+    manifest: str | Path | None,
+    cache_dir: str | Path | None,
+    short_side: int,
+    stride: int,
+    patient_pattern: str,
+) -> CacheSummary:
+    """Index the videos and decode every one not already cached (what `fetalssl-prepare` runs)."""
+    records = index_videos(root, manifest, patient_pattern)
+    cache_dir = cache_dir if cache_dir is not None else default_cache_dir(root, manifest)
+    return build_cache(records, cache_dir, short_side=short_side, stride=stride, rgb=CACHE_RGB)
+
+
+def prepare(cfg_data: Mapping[str, Any]) -> CacheSummary:
+    """prepare_frame_cache from the `data` config group (conf/data/videos.yaml)."""
+    keys = ("root", "manifest", "cache_dir", "short_side", "stride", "patient_pattern")
+    return prepare_frame_cache(**{key: cfg_data[key] for key in keys})
+
+
+def split_by_patient(
+    videos: Sequence[CachedVideo], val_fraction: float, seed: int
+) -> tuple[list[CachedVideo], list[CachedVideo]]:
+    """Seeded patient-grouped split: a patient's videos are all train or all val.
+
+    round(val_fraction * n_patients) val patients, at least 1 when val_fraction > 0 and there are >= 2 patients,
+    never all of them.
+    """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    patients = sorted({v.patient_id for v in videos})
+    n_val = 0
+    if val_fraction > 0 and len(patients) >= 2:
+        n_val = min(max(1, round(val_fraction * len(patients))), len(patients) - 1)
+    elif val_fraction > 0:
+        log.warning("only one patient (%s): no validation split", patients[0])
+    order = np.random.default_rng(seed).permutation(len(patients))
+    val_patients = {patients[i] for i in order[:n_val]}
+    train = [v for v in videos if v.patient_id not in val_patients]
+    val = [v for v in videos if v.patient_id in val_patients]
+    return train, val
+
+
+class FramePairDataset(Dataset):
+    """Map-style: item i is a pair from video i % n_videos; {"view1", "view2"} float tensors (C, H, W)."""
+
+    def __init__(
+        self,
+        videos: Sequence[CachedVideo],
+        pair_sampler,
+        views: Mapping[str, A.Compose],
+        channels: int,
+        image_size: int,
+        samples_per_video: int,
+        seed: int,
+        mean: float,
+        std: float,
+    ):
+        if not videos:
+            raise ValueError("FramePairDataset needs at least one video")
+        self.videos = list(videos)
+        self.pair_sampler = pair_sampler
+        self.views = views
+        self.channels = channels
+        self.image_size = image_size
+        self.samples_per_video = samples_per_video
+        self.seed = seed
+        self.mean = mean
+        self.std = std
+        self.epoch = 0
+        self._open: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": OrderedDict()}  # memmaps are reopened in each worker
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.videos) * self.samples_per_video
+
+    def _frames(self, video_index: int) -> np.ndarray:
+        if video_index in self._open:
+            self._open.move_to_end(video_index)
+        else:
+            self._open[video_index] = self.videos[video_index].frames()
+            if len(self._open) > MAX_OPEN_MEMMAPS:
+                self._open.popitem(last=False)
+        return self._open[video_index]
+
+    def pair_spec(self, index: int, rng: np.random.Generator) -> PairSpec:
+        video = self.videos[index % len(self.videos)]
+        return self.pair_sampler(rng, video.n_frames, video.fps, video.stride)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} outside [0, {len(self)})")
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        spec = self.pair_spec(index, rng)
+        video_frames = self._frames(index % len(self.videos))
+        frames = {i: np.asarray(video_frames[i]) for i in spec.frame_indices()}
+        sample = {}
+        for name, view_spec in (("view1", spec.view1), ("view2", spec.view2)):
+            image = with_channels(compose_view(frames, view_spec), self.channels)
+            augment = self.views[name]
+            augment.set_random_seed(int(rng.integers(2**31)))
+            image = augment(image=image)["image"]
+            if image.shape[:2] != (self.image_size, self.image_size):
+                raise ValueError(
+                    f"augmentation {name} returned {image.shape[:2]}, expected data.image_size={self.image_size}; "
+                    "the preset must end with a resize/crop to ${data.image_size}"
+                )
+            sample[name] = to_normalised_tensor(image, self.mean, self.std)
+        return sample
+
+
+class EpochSampler(Sampler[int]):
+    """Seeded shuffle per epoch; set_epoch also moves the dataset to that epoch (fresh pairs and augmentations)."""
+
+    def __init__(self, dataset: FramePairDataset, shuffle: bool, seed: int):
+        self.dataset = dataset
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(len(self.dataset)))
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dataset)).tolist())
+
+
+class VideoFramePairDataModule(L.LightningDataModule):
+    """Frame pairs from videos under `root` (or listed in `manifest`) for self-supervised pretraining.
+
+    prepare_data decodes the videos once into the frame cache; setup splits videos by patient (val patients never
+    in train) and builds the datasets. Val samples are the same every epoch so val/loss is comparable.
+    """
+
+    def __init__(
+        self,
+        root: str | None,
+        manifest: str | None,
+        cache_dir: str | None,
+        patient_pattern: str,
+        short_side: int,
+        stride: int,
+        image_size: int,
+        channels: int,
+        mean: float,
+        std: float,
+        batch_size: int,
+        num_workers: int,
+        samples_per_video: int,
+        val_fraction: float,
+        seed: int,
+        pair_sampler,
+        views: Mapping[str, A.Compose],
+    ):
+        super().__init__()
+        if root is None and manifest is None:
+            raise ValueError("set data.root (a video folder) or data.manifest (a CSV)")
+        if set(views) != {"view1", "view2"}:
+            raise ValueError(f"views must have keys view1 and view2, got {sorted(views)}")
+        self.root = root
+        self.manifest = manifest
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(root, manifest)
+        self.patient_pattern = patient_pattern
+        self.short_side = short_side
+        self.stride = stride
+        self.image_size = image_size
+        self.channels = channels
+        self.mean = mean
+        self.std = std
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.samples_per_video = samples_per_video
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.pair_sampler = pair_sampler
+        self.views = views
+        self.train_set: FramePairDataset | None = None
+        self.val_set: FramePairDataset | None = None
+
+    def _records(self) -> list[VideoRecord]:
+        return index_videos(self.root, self.manifest, self.patient_pattern)
+
+    def prepare_data(self) -> None:
+        build_cache(self._records(), self.cache_dir, self.short_side, self.stride, CACHE_RGB)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        videos = load_cache(self._records(), self.cache_dir, self.short_side, self.stride, CACHE_RGB)
+        train, val = split_by_patient(videos, self.val_fraction, self.seed)
+        log.info(
+            "pretraining videos: %d train (%d patients), %d val (%d patients)",
+            len(train),
+            len({v.patient_id for v in train}),
+            len(val),
+            len({v.patient_id for v in val}),
+        )
+        self.train_set = self._dataset(train, self.seed)
+        # A different seed stream for val, fixed across epochs.
+        self.val_set = self._dataset(val, self.seed + 1) if val else None
+
+    def _dataset(self, videos: Sequence[CachedVideo], seed: int) -> FramePairDataset:
+        return FramePairDataset(
+            videos,
+            self.pair_sampler,
+            self.views,
+            self.channels,
+            self.image_size,
+            self.samples_per_video,
+            seed,
+            self.mean,
+            self.std,
+        )
+
+    def _loader(self, dataset: FramePairDataset, sampler: Sampler[int], drop_last: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            drop_last=drop_last,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,  # workers must be re-forked after set_epoch
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            raise RuntimeError("call setup() first")
+        # drop_last: batch statistics (BatchNorm, cross-correlation) need full batches
+        drop_last = len(self.train_set) >= self.batch_size
+        return self._loader(self.train_set, EpochSampler(self.train_set, True, self.seed), drop_last)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
+        # SequentialSampler has no set_epoch: val pairs stay those of epoch 0 so val/loss is comparable.
+        batches_full = len(self.val_set) >= self.batch_size
+        return self._loader(self.val_set, SequentialSampler(self.val_set), drop_last=batches_full)

@@ -1,0 +1,96 @@
+"""Backbone initialisation for fine-tuning: random, ImageNet (local file) or a self-supervised checkpoint.
+
+conf/init/<name>.yaml picks one; the architecture always comes from conf/backbone (cfg.backbone):
+- random:   no weights; `zero_init_last` from the init config.
+- imagenet: timm weights from the local file `pretrained_path` (nothing is downloaded).
+- ssl:      `checkpoint` (a backbone.pt state dict or a Lightning .ckpt of a pretraining method), or the run of
+            `method` found under `ssl_dir` by `find_ssl_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+BACKBONE_FILE = "backbone.pt"
+INIT_CHOICES = ("random", "imagenet", "ssl")
+
+
+def recorded_method(run_dir: Path) -> str | None:
+    """The method a pretraining run was launched with: Hydra's record of the chosen config-group option."""
+    hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
+    if not hydra_yaml.is_file():
+        return None
+    record = yaml.safe_load(hydra_yaml.read_text()) or {}
+    choices = ((record.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
+    return choices.get("method")
+
+
+def find_ssl_checkpoint(ssl_dir: str | Path, method: str, on_multiple: str) -> Path:
+    """The backbone.pt of the pretraining run of `method` under `ssl_dir`.
+
+    Rule: every `backbone.pt` below `ssl_dir` is a candidate; its run is the folder holding it. The run
+    belongs to `method` if its `.hydra/hydra.yaml` records `method=<method>` (hydra.runtime.choices.method,
+    what `fetalssl-train method=...` writes) or, for runs without a .hydra folder, if a folder between
+    `ssl_dir` and the file is named `<method>` (e.g. <ssl_dir>/pretrain/<method>/<run_id>/backbone.pt).
+    Exactly one match is used; several are an error unless `on_multiple: latest` (newest file wins).
+    """
+    ssl_dir = Path(ssl_dir)
+    if not ssl_dir.is_dir():
+        raise FileNotFoundError(f"init.ssl_dir={ssl_dir} is not a directory")
+    if on_multiple not in ("error", "latest"):
+        raise ValueError(f"init.on_multiple={on_multiple!r}: must be 'error' or 'latest'")
+    found: dict[Path, str | None] = {}
+    for path in sorted(ssl_dir.rglob(BACKBONE_FILE)):
+        recorded = recorded_method(path.parent)
+        found[path] = recorded if recorded is not None else (
+            method if method in path.relative_to(ssl_dir).parts[:-1] else None)
+    matches = [p for p, m in found.items() if m == method]
+    if not matches:
+        listing = "\n  ".join(f"{p} (method {m})" for p, m in found.items()) or "none"
+        raise FileNotFoundError(f"no {BACKBONE_FILE} of method {method!r} under {ssl_dir}; found:\n  {listing}")
+    if len(matches) > 1:
+        if on_multiple == "error":
+            raise ValueError(f"{len(matches)} runs of method {method!r} under {ssl_dir}: "
+                             + ", ".join(map(str, matches))
+                             + "; set init.checkpoint, narrow init.ssl_dir or set init.on_multiple=latest")
+        matches.sort(key=lambda p: p.stat().st_mtime)
+    log.info("init=ssl method=%s: using %s", method, matches[-1])
+    return matches[-1]
+
+
+def resolve_init_weights(init_cfg: DictConfig) -> Path | None:
+    """Path of the weight file the init config asks for (None for random), checked to exist."""
+    name = init_cfg.name
+    if name == "random":
+        return None
+    if name == "imagenet":
+        path = Path(init_cfg.pretrained_path)
+    elif name == "ssl":
+        if init_cfg.checkpoint is not None:
+            path = Path(init_cfg.checkpoint)
+        elif init_cfg.ssl_dir is not None and init_cfg.method is not None:
+            path = find_ssl_checkpoint(init_cfg.ssl_dir, init_cfg.method, init_cfg.on_multiple)
+        else:
+            raise ValueError("init=ssl needs init.checkpoint, or init.ssl_dir together with init.method")
+    else:
+        raise ValueError(f"init.name={name!r}: must be one of {INIT_CHOICES}")
+    if not path.is_file():
+        raise FileNotFoundError(f"init={name}: weight file {path} does not exist")
+    return path
+
+
+def build_backbone(backbone_cfg: DictConfig, init_cfg: DictConfig) -> nn.Module:
+    """Instantiate cfg.backbone (fetalssl.models.backbones.create_backbone) with the init's weights."""
+    weights = resolve_init_weights(init_cfg)
+    overrides = {"pretrained_path": None if weights is None else str(weights)}
+    if init_cfg.name == "random":
+        overrides["zero_init_last"] = init_cfg.zero_init_last
+    return instantiate(backbone_cfg, **overrides)

@@ -1,0 +1,111 @@
+"""Plane-classification metrics and the files a fine-tuning run leaves behind.
+
+One metric definition (`metric_collection`) serves both the values logged during training and the summary
+recomputed from predictions.csv, so metrics.json always agrees with the saved predictions:
+- macro_f1: unweighted mean of per-class F1 (sklearn f1_score(average="macro"));
+- balanced_accuracy: mean per-class recall (sklearn balanced_accuracy_score; every split holds every class);
+- accuracy: share of correct predictions;
+- per_class_f1: F1 of each class, by name.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure  # object API: renders with Agg, never touches a display or pyplot state
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+)
+
+SCALAR_METRICS = ("macro_f1", "balanced_accuracy", "accuracy")
+
+
+def metric_collection(num_classes: int) -> MetricCollection:
+    return MetricCollection({
+        "macro_f1": MulticlassF1Score(num_classes, average="macro"),
+        "balanced_accuracy": MulticlassAccuracy(num_classes, average="macro"),
+        "accuracy": MulticlassAccuracy(num_classes, average="micro"),
+        "per_class_f1": MulticlassF1Score(num_classes, average=None),
+        "confusion_matrix": MulticlassConfusionMatrix(num_classes),
+    })
+
+
+def summarize(computed: dict[str, torch.Tensor], classes: Sequence[str]) -> dict:
+    """metrics.json section from a computed `metric_collection` (confusion matrix left out)."""
+    summary = {name: float(computed[name]) for name in SCALAR_METRICS}
+    summary["per_class_f1"] = {c: float(v) for c, v in zip(classes, computed["per_class_f1"], strict=True)}
+    return summary
+
+
+# ---- predictions.csv ------------------------------------------------------------------------------------
+def prediction_columns(classes: Sequence[str]) -> list[str]:
+    return ["image_path", "label", "pred", *(f"prob_{c}" for c in classes)]
+
+
+def write_predictions(path: Path, image_paths: Sequence[str], targets: torch.Tensor, probs: torch.Tensor,
+                      classes: Sequence[str]) -> None:
+    """One row per image: true and predicted class names and the softmax probability of every class."""
+    if not len(image_paths) == len(targets) == len(probs):
+        raise ValueError(f"{path}: {len(image_paths)} paths, {len(targets)} labels, {len(probs)} predictions")
+    preds = probs.argmax(1)
+    with Path(path).open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(prediction_columns(classes))
+        for image_path, target, pred, row in zip(image_paths, targets.tolist(), preds.tolist(), probs.tolist(),
+                                                 strict=True):
+            writer.writerow([image_path, classes[target], classes[pred], *(f"{p:.6g}" for p in row)])
+
+
+def read_predictions(path: Path, classes: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, preds) as class indices from a predictions.csv."""
+    index = {c: i for i, c in enumerate(classes)}
+    with Path(path).open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    targets = torch.tensor([index[r["label"]] for r in rows], dtype=torch.long)
+    preds = torch.tensor([index[r["pred"]] for r in rows], dtype=torch.long)
+    return targets, preds
+
+
+def compute_metrics(targets: torch.Tensor, preds: torch.Tensor, classes: Sequence[str]) -> dict:
+    """The metric collection's values for one set of predictions (tensors, confusion matrix included)."""
+    collection = metric_collection(len(classes))
+    collection.update(preds, targets)
+    return collection.compute()
+
+
+def metrics_from_predictions(path: Path, classes: Sequence[str]) -> tuple[dict, np.ndarray]:
+    """(metrics.json section, confusion matrix rows=true, cols=pred) recomputed from a predictions.csv."""
+    computed = compute_metrics(*read_predictions(path, classes), classes)
+    return summarize(computed, classes), computed["confusion_matrix"].numpy()
+
+
+# ---- confusion matrix -----------------------------------------------------------------------------------
+def write_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], csv_path: Path, png_path: Path) -> None:
+    """Counts with true classes as rows and predicted classes as columns, as CSV and as an annotated image."""
+    with Path(csv_path).open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true\\pred", *classes])
+        for name, row in zip(classes, matrix.tolist(), strict=True):
+            writer.writerow([name, *row])
+    fig = Figure(figsize=(1.2 * len(classes) + 1.5, 1.2 * len(classes) + 1))
+    ax = fig.subplots()
+    # Colour by row share so rare classes are as readable as common ones; the numbers are counts.
+    shares = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center",
+                    color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)

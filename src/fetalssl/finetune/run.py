@@ -1,0 +1,129 @@
+"""One fine-tuning run: data, backbone init, mode, training with model selection, test, and the run's files.
+
+Config keys read (see conf/finetune.yaml): seed, data (conf/data/labelled.yaml), backbone (conf/backbone),
+init (conf/init), finetune_mode (conf/finetune_mode), classifier {class_weighted, weight_decay,
+warmup_fraction}, monitor, monitor_mode, trainer, and optionally callbacks / logger (as for pretraining).
+
+Files written to `output_dir`: train_subset.csv, checkpoints/best.ckpt (weights of the best `monitor` epoch),
+predictions.csv (test) and val_predictions.csv, confusion_matrix.{csv,png} (test), metrics.json.
+metrics.json is written with status "failed" and the error when anything raises, then the error propagates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from fetalssl.cli.common import build_trainer, save_json
+from fetalssl.finetune.classifier import PlaneClassifier
+from fetalssl.finetune.features import CachedFeatureDataModule
+from fetalssl.finetune.init import build_backbone, recorded_method
+from fetalssl.finetune.metrics import metrics_from_predictions, write_confusion_matrix, write_predictions
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+PREDICTION_FILES = {"test": "predictions.csv", "val": "val_predictions.csv"}
+# Where a run's output location lives in the config; left out of config_key so reruns share a key.
+RUN_LOCATION_KEYS = ("paths", "hydra")
+
+
+def config_key(cfg: DictConfig) -> str:
+    """sha256 of the config as written (interpolations unresolved), output locations left out."""
+    container = OmegaConf.to_container(cfg, resolve=False)
+    for key in RUN_LOCATION_KEYS:
+        container.pop(key, None)
+    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def init_method(init_cfg: DictConfig) -> str | None:
+    """Pretraining method behind an ssl init (from the config or the checkpoint's run); None for baselines."""
+    if init_cfg.name != "ssl":
+        return None
+    if init_cfg.get("method"):
+        return init_cfg.method
+    return recorded_method(Path(init_cfg.checkpoint).parent) if init_cfg.get("checkpoint") else None
+
+
+def grid_point(cfg: DictConfig) -> dict[str, Any]:
+    return {"init": cfg.init.name, "method": init_method(cfg.init), "fraction": float(cfg.data.fraction),
+            "finetune_mode": cfg.finetune_mode.name, "seed": int(cfg.seed), "backbone": cfg.backbone.name}
+
+
+def _predict(trainer: L.Trainer, model: PlaneClassifier, loader, ckpt_path: str) -> torch.Tensor:
+    return torch.cat(trainer.predict(model, dataloaders=loader, ckpt_path=ckpt_path)).float().cpu()
+
+
+def _train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    L.seed_everything(cfg.seed, workers=True)
+    images = instantiate(cfg.data, output_dir=output_dir)
+    images.setup("fit")
+    backbone = build_backbone(cfg.backbone, cfg.init)
+    mode = cfg.finetune_mode
+    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor=cfg.monitor,
+                                 mode=cfg.monitor_mode, save_top_k=1, save_weights_only=True)
+    trainer = build_trainer(cfg, extra_callbacks=[checkpoint])
+    if trainer.world_size > 1:
+        raise ValueError("fine-tuning runs on one device (predictions.csv needs every image once, in order); "
+                         f"got world_size={trainer.world_size}")
+
+    data: L.LightningDataModule = images
+    num_features = backbone.num_features
+    if mode.cache_features:
+        if mode.trainable != "none":
+            raise ValueError(f"finetune_mode.cache_features needs a frozen backbone, not trainable={mode.trainable}")
+        data = CachedFeatureDataModule.from_images(backbone, images, trainer.strategy.root_device)
+        backbone = nn.Identity()
+    model = PlaneClassifier(
+        backbone=backbone, num_features=num_features, classes=images.classes, trainable=mode.trainable,
+        head_lr=mode.head_lr, backbone_lr=mode.backbone_lr, weight_decay=cfg.classifier.weight_decay,
+        warmup_fraction=cfg.classifier.warmup_fraction, head_dropout=mode.head_dropout,
+        class_weights=images.class_weights() if cfg.classifier.class_weighted else None)
+
+    trainer.fit(model, datamodule=data)
+    best = checkpoint.best_model_path
+    log.info("Best %s = %s at %s", cfg.monitor, checkpoint.best_model_score, best)
+    logged_test = trainer.test(model, datamodule=data, ckpt_path=best, verbose=False)[0]
+
+    result: dict[str, Any] = {}
+    for split, filename in PREDICTION_FILES.items():
+        probs = _predict(trainer, model, data.loader(split), best)
+        dataset = images.dataset(split)
+        write_predictions(output_dir / filename, dataset.image_paths, torch.from_numpy(dataset.labels), probs,
+                          images.classes)
+        result[split], matrix = metrics_from_predictions(output_dir / filename, images.classes)
+        if split == "test":
+            write_confusion_matrix(matrix, images.classes, output_dir / "confusion_matrix.csv",
+                                   output_dir / "confusion_matrix.png")
+    result["logged_test"] = {k: float(v) for k, v in logged_test.items()}
+    result["train_size"] = len(images.rows("train"))
+    result["train_class_counts"] = dict(zip(images.classes, images.class_counts().tolist(), strict=True))
+    result["best_checkpoint"] = best
+    return result
+
+
+def run_finetune(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
+    """Train, select on `cfg.monitor`, test, and write the run's files; returns the metrics.json content."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"status": "failed", "grid": grid_point(cfg), "config_key": config_key(cfg)}
+    try:
+        result.update(_train_and_evaluate(cfg, output_dir))
+    except Exception as err:
+        result["error"] = f"{type(err).__name__}: {err}"
+        save_json(result, output_dir / METRICS_FILE)
+        raise
+    result["status"] = "ok"
+    save_json(result, output_dir / METRICS_FILE)
+    log.info("Test: %s", {k: result["test"][k] for k in ("macro_f1", "balanced_accuracy", "accuracy")})
+    return result

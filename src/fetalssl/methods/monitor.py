@@ -1,0 +1,96 @@
+"""Online representation monitor: linear probe (and optional kNN) on frozen backbone features."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+Labelled = tuple[Tensor, Tensor]
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, images: Tensor, batch_size: int, device: torch.device) -> Tensor:
+    """Backbone features in eval mode without gradients; the module's train/eval state is restored."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        feats = [backbone(chunk.to(device)).float().cpu() for chunk in images.split(batch_size)]
+    finally:
+        backbone.train(was_training)
+    return torch.cat(feats)
+
+
+def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, k: int) -> Tensor:
+    """Majority vote among the k nearest training features by cosine similarity."""
+    sim = F.normalize(test_x, dim=1) @ F.normalize(train_x, dim=1).T
+    neighbours = train_y[sim.topk(min(k, len(train_x)), dim=1).indices]  # (N_test, k)
+    votes = F.one_hot(neighbours, int(train_y.max()) + 1).sum(dim=1)
+    return votes.argmax(dim=1)
+
+
+class LinearProbeMonitor(L.Callback):
+    """Every ``every_n_epochs`` validation epochs: fit a logistic regression on frozen features of
+    ``train_images`` and log probe/acc and probe/macro_f1 on ``val_images`` (plus probe/knn_acc with ``knn``).
+
+    Images are ``(X (N,C,H,W) float, y (N,) long)`` or a callable returning that (loaded on first use).
+    """
+
+    def __init__(
+        self,
+        train_images: Labelled | Callable[[], Labelled],
+        val_images: Labelled | Callable[[], Labelled],
+        every_n_epochs: int,
+        knn: bool = False,
+        k: int = 20,
+        batch_size: int = 256,
+        max_iter: int = 1000,
+    ):
+        self._sources = {"train": train_images, "val": val_images}
+        self._data: dict[str, Labelled] = {}
+        self.every_n_epochs = every_n_epochs
+        self.knn = knn
+        self.k = k
+        self.batch_size = batch_size
+        self.max_iter = max_iter
+
+    def _get(self, split: str) -> Labelled:
+        if split not in self._data:
+            source = self._sources[split]
+            self._data[split] = source() if callable(source) else source
+        return self._data[split]
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs != 0:
+            return
+        metrics = self.evaluate(pl_module.backbone, pl_module.device)
+        for name, value in metrics.items():
+            pl_module.log(name, value)
+
+    def evaluate(self, backbone: nn.Module, device: torch.device) -> dict[str, float]:
+        (x_train, y_train), (x_val, y_val) = self._get("train"), self._get("val")
+        f_train = extract_features(backbone, x_train, self.batch_size, device)
+        f_val = extract_features(backbone, x_val, self.batch_size, device)
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=self.max_iter))
+        probe.fit(f_train.numpy(), y_train.numpy())
+        pred = probe.predict(f_val.numpy())
+        y_true = y_val.numpy()
+        metrics = {
+            "probe/acc": float(accuracy_score(y_true, pred)),
+            "probe/macro_f1": float(f1_score(y_true, pred, average="macro")),
+        }
+        if self.knn:
+            knn_pred = knn_predict(f_train, y_train, f_val, self.k)
+            metrics["probe/knn_acc"] = float((knn_pred == y_val).float().mean())
+        log.info("probe: %s", metrics)
+        return metrics

@@ -1,0 +1,110 @@
+"""timm backbones without a classifier head, optionally initialised from a local weight file.
+
+Random-init baseline: ``zero_init_last`` is an explicit config key (conf/backbone/*.yaml sets it to false), so
+the random baseline's ResNet blocks start with their last BatchNorm weight at 1 (plain torchvision-style
+init) instead of timm's default of 0. Only ResNet-family models have this option.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_STRIP_PREFIXES = ("module.", "backbone.")
+
+
+def create_backbone(
+    name: str,
+    in_chans: int,
+    pretrained_path: str | None = None,
+    zero_init_last: bool = False,
+    **timm_kwargs,
+) -> nn.Module:
+    """Build ``timm.create_model(name, num_classes=0, in_chans=...)``; ``.num_features`` is the embedding size.
+
+    ``timm_kwargs`` go to timm (e.g. ``img_size`` for ViT). ``pretrained_path`` loads a state dict or a
+    checkpoint holding ``state_dict`` (Lightning); see :func:`load_backbone_weights`.
+    """
+    kwargs = dict(pretrained=False, num_classes=0, in_chans=in_chans, **timm_kwargs)
+    try:
+        model = timm.create_model(name, zero_init_last=zero_init_last, **kwargs)
+    except TypeError as err:
+        if "zero_init_last" not in str(err):
+            raise
+        if zero_init_last:
+            raise ValueError(f"zero_init_last=True is only supported by ResNet-family models, not {name!r}") from err
+        model = timm.create_model(name, **kwargs)
+    if pretrained_path is not None:
+        load_backbone_weights(model, pretrained_path)
+    return model
+
+
+def first_conv(model: nn.Module) -> nn.Module:
+    """The input convolution of a timm model (named in its pretrained_cfg)."""
+    return model.get_submodule(model.pretrained_cfg["first_conv"])
+
+
+def input_channels(model: nn.Module) -> int:
+    return first_conv(model).in_channels
+
+
+def _extract_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: expected a state dict or a checkpoint with a 'state_dict' entry")
+    # A whole SSL-method checkpoint also holds projector/target weights: keep only the backbone's.
+    if any(k.startswith("backbone.") or k.startswith("module.backbone.") for k in obj):
+        obj = {k: v for k, v in obj.items() if k.startswith(("backbone.", "module.backbone."))}
+    stripped = {}
+    for key, value in obj.items():
+        for prefix in _STRIP_PREFIXES:
+            key = key.removeprefix(prefix)
+        stripped[key] = value
+    return stripped
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
+    """Load weights strictly; adapt RGB->grey first conv by summing over input channels.
+
+    Classifier weights in the file (e.g. an ImageNet ``fc``) are dropped because the backbone has no head.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained_path does not exist: {path}")
+    # Lightning checkpoints pickle more than tensors; this is a user-supplied local file.
+    state = _extract_state_dict(torch.load(path, map_location="cpu", weights_only=False), path)
+
+    classifier = model.pretrained_cfg.get("classifier")
+    if classifier:
+        dropped = [k for k in state if k.startswith(classifier + ".")]
+        if dropped:
+            log.info("%s: ignoring classifier weights %s", path, dropped)
+            state = {k: v for k, v in state.items() if k not in dropped}
+
+    conv_key = model.pretrained_cfg["first_conv"] + ".weight"
+    expected = model.state_dict()
+    if conv_key in state and conv_key in expected:
+        src, dst = state[conv_key], expected[conv_key]
+        if src.shape[1] == 3 and dst.shape[1] == 1:
+            log.info("%s: summing RGB weights of %s into one input channel", path, conv_key)
+            state[conv_key] = src.sum(dim=1, keepdim=True)
+
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        details = "; ".join(
+            f"{label}: {keys}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+            if keys
+        )
+        raise ValueError(f"{path}: weights do not fit backbone {type(model).__name__}: {details}")
+    model.load_state_dict(state, strict=True)
+    log.info("loaded backbone weights from %s", path)

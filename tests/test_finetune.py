@@ -1,0 +1,326 @@
+"""Fine-tuning: frozen/partial/full modes, cached-feature probe, init resolution and the run's files."""
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import cv2
+import lightning as L
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+from omegaconf import OmegaConf
+from sklearn.metrics import balanced_accuracy_score, f1_score
+from torch.utils.data import DataLoader, TensorDataset
+
+from fetalssl.data.splits import ManifestError
+from fetalssl.finetune.classifier import PlaneClassifier
+from fetalssl.finetune.features import CachedFeatureDataModule
+from fetalssl.finetune.init import build_backbone, find_ssl_checkpoint
+from fetalssl.finetune.metrics import metrics_from_predictions
+from fetalssl.finetune.modes import last_stage_name, set_trainable
+from fetalssl.finetune.run import run_finetune
+
+CONF = Path(__file__).resolve().parents[1] / "src" / "fetalssl" / "conf"
+CLASSES = ["4CH", "LVOT", "RVOT", "3VV", "3VT"]
+SIZE = 32
+
+
+def make_images(root: Path, n_patients: int = 6, per_class: int = 2) -> Path:
+    """A labels.csv over small grey images whose brightness pattern depends on the class (learnable)."""
+    rng = np.random.default_rng(0)
+    lines = ["image_path,label,patient_id"]
+    for p in range(n_patients):
+        for c, label in enumerate(CLASSES):
+            for k in range(per_class):
+                rel = f"frames/{label}/p{p}_{k}.png"
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                image = rng.integers(0, 60, (40, 40)).astype(np.uint8)
+                image[:, 8 * c:8 * c + 8] += 150
+                cv2.imwrite(str(root / rel), image)
+                lines.append(f"{rel},{label},p{p}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root / "labels.csv"
+
+
+def finetune_cfg(source: Path, mode: str = "linear", **trainer):
+    """The config run_finetune expects, from the package YAMLs with tiny-data settings."""
+    cfg = OmegaConf.create({
+        "seed": 0,
+        "data": OmegaConf.load(CONF / "data" / "labelled.yaml"),
+        "backbone": {"_target_": "fetalssl.models.backbones.create_backbone", "name": "resnet18",
+                     "in_chans": "${data.channels}", "pretrained_path": None, "zero_init_last": False},
+        "init": OmegaConf.load(CONF / "init" / "random.yaml"),
+        "finetune_mode": OmegaConf.load(CONF / "finetune_mode" / f"{mode}.yaml"),
+        "classifier": {"class_weighted": True, "weight_decay": 0.01, "warmup_fraction": 0.1},
+        "monitor": "val/balanced_accuracy",
+        "monitor_mode": "max",
+        "trainer": {"_target_": "lightning.Trainer", "accelerator": "cpu", "devices": 1, "max_epochs": 2,
+                    "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1,
+                    **trainer},
+    })
+    cfg.data.update(root=str(source), image_size=SIZE, num_workers=0, batch_size=16, val_fraction=0.2,
+                    test_fraction=0.2)
+    return cfg
+
+
+def tiny_trainer(**kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+def random_batches(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(torch.randn(n, 3, SIZE, SIZE, generator=g), torch.arange(n) % 5),
+                      batch_size=8)
+
+
+def classifier(trainable: str, backbone=None, **kwargs) -> PlaneClassifier:
+    backbone = backbone or timm.create_model("resnet18", num_classes=0, pretrained=False)
+    args = dict(num_features=getattr(backbone, "num_features", None), classes=CLASSES, trainable=trainable, head_lr=1e-2,
+                backbone_lr=1e-2, weight_decay=0.01, warmup_fraction=0.0, head_dropout=0.0)
+    return PlaneClassifier(backbone, **{**args, **kwargs})
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# ---- modes ----------------------------------------------------------------------------------------------
+def test_linear_mode_leaves_every_backbone_parameter_and_buffer_bit_identical():
+    model = classifier("none")
+    before, head_before = snapshot(model.backbone), snapshot(model.head)
+    tiny_trainer(max_epochs=2).fit(model, random_batches(), random_batches(seed=1))
+    after = model.backbone.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights, BN running stats, batch counters
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+    assert not torch.equal(head_before["weight"], model.head.weight)
+    model.train()
+    assert not model.backbone.training and not any(m.training for m in model.backbone.modules())
+    assert model.head.training
+
+
+def test_full_mode_trains_backbone_weights_and_batchnorm_statistics():
+    model = classifier("all")
+    before = snapshot(model.backbone)
+    tiny_trainer(max_epochs=1).fit(model, random_batches())
+    after = model.backbone.state_dict()
+    assert not torch.equal(before["conv1.weight"], after["conv1.weight"])
+    assert not torch.equal(before["layer4.1.conv2.weight"], after["layer4.1.conv2.weight"])
+    assert not torch.equal(before["bn1.running_mean"], after["bn1.running_mean"])
+
+
+def test_partial_mode_trains_only_the_last_stage():
+    model = classifier("last_stage")
+    before = snapshot(model.backbone)
+    tiny_trainer(max_epochs=1).fit(model, random_batches())
+    after = model.backbone.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("layer4.") for k in changed)
+    assert "layer4.0.conv1.weight" in changed and "layer4.0.bn1.running_mean" in changed
+    assert set(model.trained_backbone_parameters) == {n for n, _ in model.backbone.named_parameters()
+                                                      if n.startswith("layer4.")}
+
+
+def test_last_stage_found_generically_and_later_norms_trained():
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, pretrained=False, img_size=32, depth=2)
+    assert last_stage_name(vit) == "blocks.1"
+    trained = set_trainable(vit, "last_stage")
+    assert trained[0].startswith("blocks.1.") and "norm.weight" in trained
+    assert not any(n.startswith(("blocks.0.", "patch_embed.", "cls_token", "pos_embed")) for n in trained)
+
+
+def test_head_dropout_only_for_full_mode():
+    with pytest.raises(ValueError, match="only used with full"):
+        classifier("none", head_dropout=0.5)
+    assert classifier("all", head_dropout=0.5).dropout.p == 0.5
+
+
+def test_lr_schedule_warms_up_then_decays_per_step():
+    tiny = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    model = classifier("all", backbone=tiny, num_features=4, head_lr=1e-2, backbone_lr=1e-3, warmup_fraction=0.25)
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+    tiny_trainer(max_epochs=4, callbacks=[Record()]).fit(model, random_batches())  # 8 steps
+    head, backbone = np.array(lrs)[:, 0], np.array(lrs)[:, -1]
+    assert np.allclose(head[:2], [0.5e-2, 1e-2])  # 2 warm-up steps
+    assert np.all(np.diff(head[2:]) < 0) and head[-1] < 0.1e-2  # cosine from the peak towards 0
+    assert np.allclose(backbone / head, 0.1)
+
+
+# ---- cached features ------------------------------------------------------------------------------------
+def test_cached_features_give_the_same_head_update_as_the_image_loop(tmp_path):
+    cfg = finetune_cfg(make_images(tmp_path))
+    assert cfg.finetune_mode.cache_features is False  # default off
+    from hydra.utils import instantiate
+
+    images = instantiate(cfg.data, train_transform=instantiate(cfg.data.eval_transform), batch_size=1000)
+    images.setup()
+    backbone = build_backbone(cfg.backbone, cfg.init)
+    loop = classifier("none", backbone=backbone)
+    cached = classifier("none", backbone=torch.nn.Identity(), num_features=backbone.num_features)
+    cached.head.load_state_dict(loop.head.state_dict())
+    features = CachedFeatureDataModule.from_images(backbone, images, torch.device("cpu"))
+    assert len(features.features["train"][0]) == len(images.rows("train"))
+    tiny_trainer(max_steps=1, limit_val_batches=0).fit(loop, images.train_dataloader())
+    tiny_trainer(max_steps=1, limit_val_batches=0).fit(cached, features.train_dataloader())
+    assert not torch.equal(loop.head.weight, classifier("none").head.weight)
+    torch.testing.assert_close(cached.head.weight, loop.head.weight, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(cached.head.bias, loop.head.bias, atol=1e-6, rtol=1e-5)
+
+
+# ---- whole run ------------------------------------------------------------------------------------------
+def _read_predictions(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("cache_features", [False, True])
+def test_run_writes_files_and_metrics_match_sklearn(tmp_path, cache_features):
+    cfg = finetune_cfg(make_images(tmp_path / "data"))
+    cfg.data.fraction = 0.5
+    cfg.finetune_mode.cache_features = cache_features
+    out = tmp_path / "run"
+    result = run_finetune(cfg, out)
+
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["status"] == "ok" and saved == json.loads(json.dumps(result))
+    assert saved["grid"] == {"init": "random", "method": None, "fraction": 0.5, "finetune_mode": "linear",
+                             "seed": 0, "backbone": "resnet18"}
+    rows = _read_predictions(out / "predictions.csv")
+    assert list(rows[0]) == ["image_path", "label", "pred", *(f"prob_{c}" for c in CLASSES)]
+    for row in rows:
+        probs = [float(row[f"prob_{c}"]) for c in CLASSES]
+        assert abs(sum(probs) - 1) < 1e-4 and row["pred"] == CLASSES[int(np.argmax(probs))]
+    y_true, y_pred = [r["label"] for r in rows], [r["pred"] for r in rows]
+    test = saved["test"]
+    assert test["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"), abs=1e-6)
+    assert test["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred), abs=1e-6)
+    assert test["accuracy"] == pytest.approx(np.mean(np.array(y_true) == np.array(y_pred)), abs=1e-6)
+    per_class = f1_score(y_true, y_pred, average=None, labels=CLASSES)
+    assert [test["per_class_f1"][c] for c in CLASSES] == pytest.approx(list(per_class), abs=1e-6)
+    # what was logged during trainer.test equals what the saved predictions give
+    for name in ("macro_f1", "balanced_accuracy", "accuracy"):
+        assert saved["logged_test"][f"test/{name}"] == pytest.approx(test[name], abs=1e-6)
+    val_rows = _read_predictions(out / "val_predictions.csv")
+    assert saved["val"]["macro_f1"] == pytest.approx(
+        f1_score([r["label"] for r in val_rows], [r["pred"] for r in val_rows], average="macro"), abs=1e-6)
+
+    # training set = requested fraction of every class (half-up, >= 1), as written to train_subset.csv
+    subset = _read_predictions(out / "train_subset.csv")
+    assert len(subset) == saved["train_size"] == sum(saved["train_class_counts"].values())
+    test_patients = {r["image_path"].split("/")[-1].split("_")[0] for r in rows}
+    val_patients = {r["image_path"].split("/")[-1].split("_")[0] for r in val_rows}
+    n_train_per_class = 2 * (6 - len(test_patients) - len(val_patients))
+    assert saved["train_class_counts"] == {c: max(1, int(np.floor(0.5 * n_train_per_class + 0.5)))
+                                           for c in CLASSES}
+    matrix = np.loadtxt(out / "confusion_matrix.csv", delimiter=",", skiprows=1, usecols=range(1, 6))
+    assert matrix.sum() == len(rows) and np.trace(matrix) == sum(t == p for t, p in zip(y_true, y_pred, strict=True))
+    assert (out / "confusion_matrix.png").stat().st_size > 0
+    assert (out / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_cached_linear_probe_run_learns_the_toy_task(tmp_path):
+    cfg = finetune_cfg(make_images(tmp_path / "data", n_patients=5), max_epochs=20)
+    cfg.finetune_mode.update(head_lr=3e-2, cache_features=True)
+    result = run_finetune(cfg, tmp_path / "run")
+    assert result["test"]["balanced_accuracy"] > 0.8  # chance is 0.2: labels, images and predictions line up
+
+
+@pytest.mark.slow
+def test_full_mode_run_learns_the_toy_task(tmp_path):
+    cfg = finetune_cfg(make_images(tmp_path / "data", n_patients=5), mode="full", max_epochs=4)
+    cfg.finetune_mode.update(head_lr=1e-3, backbone_lr=1e-3)
+    cfg.data.batch_size = 8
+    result = run_finetune(cfg, tmp_path / "run")
+    assert result["test"]["balanced_accuracy"] > 0.8
+
+
+def test_failed_run_writes_failed_metrics_and_raises(tmp_path):
+    source = make_images(tmp_path / "data")
+    (source.parent / "frames" / "4CH" / "p0_0.png").unlink()
+    with pytest.raises(ManifestError, match="row 2"):
+        run_finetune(finetune_cfg(source), tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["status"] == "failed" and "p0_0.png does not exist" in saved["error"]
+    assert saved["grid"]["finetune_mode"] == "linear" and len(saved["config_key"]) == 64
+
+
+def test_metrics_from_predictions_match_sklearn_with_absent_predictions(tmp_path):
+    rng = np.random.default_rng(1)
+    y_true = rng.integers(0, 5, 40)
+    y_pred = np.where(rng.random(40) < 0.6, y_true, rng.integers(0, 3, 40))  # classes 3, 4 rarely predicted
+    path = tmp_path / "p.csv"
+    path.write_text("image_path,label,pred\n" + "".join(f"x{i},{CLASSES[t]},{CLASSES[p]}\n"
+                                                        for i, (t, p) in enumerate(zip(y_true, y_pred, strict=True))))
+    summary, matrix = metrics_from_predictions(path, CLASSES)
+    assert summary["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"), abs=1e-6)
+    assert summary["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred), abs=1e-6)
+    assert matrix[2, 1] == np.sum((y_true == 2) & (y_pred == 1))
+
+
+# ---- init -----------------------------------------------------------------------------------------------
+def _pretrain_run(root: Path, method: str, with_hydra: bool = True) -> Path:
+    root.mkdir(parents=True)
+    model = timm.create_model("resnet18", num_classes=0, pretrained=False)
+    torch.save(model.state_dict(), root / "backbone.pt")
+    if with_hydra:
+        (root / ".hydra").mkdir()
+        (root / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
+            {"hydra": {"runtime": {"choices": {"method": method, "backbone": "resnet18"}}}}))
+    return root / "backbone.pt"
+
+
+def test_ssl_checkpoint_found_by_method(tmp_path):
+    barlow = _pretrain_run(tmp_path / "pretrain" / "x" / "run1", "barlowtwins")
+    simclr = _pretrain_run(tmp_path / "pretrain" / "simclr" / "run2", "simclr", with_hydra=False)
+    assert find_ssl_checkpoint(tmp_path, "barlowtwins", "error") == barlow
+    assert find_ssl_checkpoint(tmp_path, "simclr", "error") == simclr
+    with pytest.raises(FileNotFoundError, match="no backbone.pt of method 'byol'"):
+        find_ssl_checkpoint(tmp_path, "byol", "error")
+    newer = _pretrain_run(tmp_path / "pretrain" / "x" / "run3", "barlowtwins")
+    os.utime(barlow, (time.time() - 100, time.time() - 100))
+    with pytest.raises(ValueError, match="2 runs of method 'barlowtwins'"):
+        find_ssl_checkpoint(tmp_path, "barlowtwins", "error")
+    assert find_ssl_checkpoint(tmp_path, "barlowtwins", "latest") == newer
+
+
+def test_ssl_init_loads_the_pretrained_weights(tmp_path):
+    path = _pretrain_run(tmp_path / "pretrain" / "barlowtwins" / "r", "barlowtwins")
+    state = torch.load(path)
+    backbone_cfg = OmegaConf.create({"_target_": "fetalssl.models.backbones.create_backbone", "name": "resnet18",
+                                     "in_chans": 3, "pretrained_path": None, "zero_init_last": False})
+    init = OmegaConf.load(CONF / "init" / "ssl.yaml")
+    init.update(ssl_dir=str(tmp_path), method="barlowtwins")
+    loaded = build_backbone(backbone_cfg, init).state_dict()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    init.update(ssl_dir=None, method=None)
+    with pytest.raises(ValueError, match="needs init.checkpoint"):
+        build_backbone(backbone_cfg, init)
+    imagenet = OmegaConf.load(CONF / "init" / "imagenet.yaml")
+    imagenet.pretrained_path = str(tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match="missing.pth does not exist"):
+        build_backbone(backbone_cfg, imagenet)
+
+
+def test_random_init_keeps_last_bn_weight_at_one():
+    backbone_cfg = OmegaConf.create({"_target_": "fetalssl.models.backbones.create_backbone", "name": "resnet18",
+                                     "in_chans": 1, "pretrained_path": None, "zero_init_last": True})
+    backbone = build_backbone(backbone_cfg, OmegaConf.load(CONF / "init" / "random.yaml"))
+    assert torch.all(backbone.layer1[0].bn2.weight == 1)  # init/random.yaml overrides the backbone's choice
+
+
+@pytest.mark.parametrize("percent", [1, 5, 10, 25, 50, 100])
+def test_data_fraction_configs(percent):
+    text = (CONF / "data_fraction" / f"pct{percent}.yaml").read_text()
+    assert text.startswith("# @package _global_")
+    assert OmegaConf.create(text).data.fraction == pytest.approx(percent / 100)

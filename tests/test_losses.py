@@ -1,0 +1,227 @@
+"""Each loss vs. a plainly written loop implementation, gradient sanity, optimisability and DDP gathering."""
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from fetalssl.losses import (
+    barlow_twins_loss,
+    byol_loss,
+    moco_loss,
+    nt_xent_loss,
+    reconstruction_loss,
+    vicreg_loss,
+)
+
+N, D = 6, 4
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def _col(z, j):
+    return [float(z[b, j]) for b in range(z.shape[0])]
+
+
+def _cos(a, b):
+    dot = sum(float(x) * float(y) for x, y in zip(a, b, strict=True))
+    return dot / (math.sqrt(sum(float(x) ** 2 for x in a)) * math.sqrt(sum(float(y) ** 2 for y in b)))
+
+
+def ref_barlow(z1, z2, lambd):
+    n, d = z1.shape
+
+    def standardise(z):
+        out = [[0.0] * d for _ in range(n)]
+        for j in range(d):
+            col = _col(z, j)
+            mu = _mean(col)
+            var = _mean([(x - mu) ** 2 for x in col])  # biased, as BatchNorm
+            for b in range(n):
+                out[b][j] = (col[b] - mu) / math.sqrt(var + 1e-5)
+        return out
+
+    a, b_ = standardise(z1), standardise(z2)
+    loss = 0.0
+    for i in range(d):
+        for j in range(d):
+            c = sum(a[b][i] * b_[b][j] for b in range(n)) / n
+            loss += (1 - c) ** 2 if i == j else lambd * c**2
+    return loss
+
+
+def ref_vicreg(z1, z2, sim_coeff, std_coeff, cov_coeff, eps):
+    n, d = z1.shape
+    inv = _mean([(float(z1[b, j]) - float(z2[b, j])) ** 2 for b in range(n) for j in range(d)])
+
+    def var_cov(z):
+        cols = [_col(z, j) for j in range(d)]
+        mus = [_mean(c) for c in cols]
+        cov = [[sum((cols[i][b] - mus[i]) * (cols[j][b] - mus[j]) for b in range(n)) / (n - 1) for j in range(d)]
+               for i in range(d)]
+        std_term = _mean([max(0.0, 1 - math.sqrt(cov[j][j] + eps)) for j in range(d)])
+        off = sum(cov[i][j] ** 2 for i in range(d) for j in range(d) if i != j) / d
+        return std_term, off
+
+    s1, c1 = var_cov(z1)
+    s2, c2 = var_cov(z2)
+    return sim_coeff * inv + std_coeff * (s1 + s2) / 2 + cov_coeff * (c1 + c2)
+
+
+def ref_nt_xent(z1, z2, t):
+    views = [z1[b] for b in range(len(z1))] + [z2[b] for b in range(len(z2))]
+    n2 = len(views)
+    total = 0.0
+    for i in range(n2):
+        pos = (i + n2 // 2) % n2
+        denom = sum(math.exp(_cos(views[i], views[k]) / t) for k in range(n2) if k != i)
+        total += -math.log(math.exp(_cos(views[i], views[pos]) / t) / denom)
+    return total / n2
+
+
+def ref_byol(p, z):
+    return _mean([2 - 2 * _cos(p[b], z[b]) for b in range(len(p))])
+
+
+def ref_moco(q, k, queue, t):
+    total = 0.0
+    for b in range(len(q)):
+        pos = math.exp(_cos(q[b], k[b]) / t)
+        neg = sum(math.exp(_cos(q[b], queue[r]) / t) for r in range(len(queue)))
+        total += -math.log(pos / (pos + neg))
+    return total / len(q)
+
+
+def ref_mse(pred, target):
+    flat_p, flat_t = pred.flatten().tolist(), target.flatten().tolist()
+    return _mean([(a - b) ** 2 for a, b in zip(flat_p, flat_t, strict=True)])
+
+
+@pytest.fixture
+def z():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(N, D, generator=g, dtype=torch.float64), torch.randn(N, D, generator=g, dtype=torch.float64)
+
+
+def test_barlow_matches_reference(z):
+    assert barlow_twins_loss(*z).item() == pytest.approx(ref_barlow(*z, 0.0051), rel=1e-9)
+    assert barlow_twins_loss(*z, lambd=0.3).item() == pytest.approx(ref_barlow(*z, 0.3), rel=1e-9)
+
+
+def test_vicreg_matches_reference(z):
+    # Scale one branch down so the variance hinge is active for some dimensions.
+    z1, z2 = z[0], z[1] * torch.tensor([0.3, 2.0, 0.5, 1.5], dtype=torch.float64)
+    assert vicreg_loss(z1, z2).item() == pytest.approx(ref_vicreg(z1, z2, 25.0, 25.0, 1.0, 1e-4), rel=1e-9)
+    got = vicreg_loss(z1, z2, sim_coeff=1.0, std_coeff=2.0, cov_coeff=3.0, eps=1e-2).item()
+    assert got == pytest.approx(ref_vicreg(z1, z2, 1.0, 2.0, 3.0, 1e-2), rel=1e-9)
+
+
+def test_nt_xent_matches_reference(z):
+    assert nt_xent_loss(*z).item() == pytest.approx(ref_nt_xent(*z, 0.5), rel=1e-9)
+    assert nt_xent_loss(*z, temperature=0.1).item() == pytest.approx(ref_nt_xent(*z, 0.1), rel=1e-9)
+
+
+def test_byol_matches_reference_and_detaches_target(z):
+    p, t = z[0].clone().requires_grad_(), z[1].clone().requires_grad_()
+    loss = byol_loss(p, t)
+    assert loss.item() == pytest.approx(ref_byol(*z), rel=1e-9)
+    loss.backward()
+    assert t.grad is None and p.grad.abs().sum() > 0
+
+
+def test_moco_matches_reference(z):
+    queue = torch.randn(5, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert moco_loss(*z, queue).item() == pytest.approx(ref_moco(*z, queue, 0.2), rel=1e-9)
+    assert moco_loss(*z, queue, temperature=0.07).item() == pytest.approx(ref_moco(*z, queue, 0.07), rel=1e-9)
+
+
+def test_reconstruction_matches_reference():
+    g = torch.Generator().manual_seed(2)
+    pred, target = torch.randn(2, 1, 3, 3, generator=g), torch.randn(2, 1, 3, 3, generator=g)
+    assert reconstruction_loss(pred, target).item() == pytest.approx(ref_mse(pred, target), rel=1e-6)
+
+
+def _two(*shape):
+    return [torch.nn.Parameter(torch.randn(*shape)) for _ in range(2)]
+
+
+QUEUE = torch.randn(16, 8)
+CASES = {
+    "barlow": (lambda: _two(16, 8), barlow_twins_loss),
+    "vicreg": (lambda: _two(16, 8), vicreg_loss),
+    "nt_xent": (lambda: _two(16, 8), nt_xent_loss),
+    "byol": (lambda: _two(16, 8), byol_loss),
+    "moco": (lambda: _two(16, 8), lambda q, k: moco_loss(q, k, QUEUE)),
+    "reconstruction": (lambda: [torch.nn.Parameter(torch.randn(4, 1, 4, 4)), torch.randn(4, 1, 4, 4)],
+                       reconstruction_loss),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_loss_has_finite_grads_and_falls_when_optimised(name):
+    torch.manual_seed(0)
+    make, loss_fn = CASES[name]
+    tensors = make()
+    params = [t for t in tensors if isinstance(t, torch.nn.Parameter)]
+    opt = torch.optim.Adam(params, lr=0.05)
+    first = None
+    for _ in range(50):
+        opt.zero_grad()
+        loss = loss_fn(*tensors)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
+        first = loss.item() if first is None else first
+        opt.step()
+    assert loss_fn(*tensors).item() < 0.8 * first
+
+
+# --- DDP: gathering over 2 gloo ranks equals the single-process loss on the concatenated batch ---------
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, z1, z2, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        n = len(z1) // world
+        for name, fn in (("barlow", barlow_twins_loss), ("vicreg", vicreg_loss), ("nt_xent", nt_xent_loss)):
+            a = z1[rank * n:(rank + 1) * n].clone().requires_grad_()
+            b = z2[rank * n:(rank + 1) * n].clone().requires_grad_()
+            loss = fn(a, b, gather=True)
+            loss.backward()
+            out[f"{name}_{rank}"] = (loss.detach(), a.grad, b.grad)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_equals_global_batch_loss():
+    g = torch.Generator().manual_seed(3)
+    z1, z2 = torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randn(8, 4, generator=g, dtype=torch.float64)
+    world = 2
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(world, _free_port(), z1, z2, out), nprocs=world, join=True)
+    for name, fn in (("barlow", barlow_twins_loss), ("vicreg", vicreg_loss), ("nt_xent", nt_xent_loss)):
+        a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        full = fn(a, b)
+        full.backward()
+        rank_losses = [out[f"{name}_{r}"][0] for r in range(world)]
+        # Barlow/VICReg: every rank computes the global loss; NT-Xent: the global loss is the mean over ranks.
+        assert torch.stack(rank_losses).mean().item() == pytest.approx(full.item(), rel=1e-9)
+        for r in range(world):
+            _, ga, gb = out[f"{name}_{r}"]
+            # Gradients are summed over ranks' losses; DDP's averaging then divides by world size.
+            assert torch.allclose(ga / world, a.grad[r * 4:(r + 1) * 4]), name
+            assert torch.allclose(gb / world, b.grad[r * 4:(r + 1) * 4]), name

@@ -1,0 +1,203 @@
+"""Each SSL method built from its YAML trains a few steps on CPU, checkpoints, and exports a timm backbone."""
+
+import math
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import timm
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+import fetalssl
+from fetalssl.methods.monitor import LinearProbeMonitor, extract_features
+from fetalssl.methods.simclr import SimCLR
+from fetalssl.models.backbones import create_backbone
+from fetalssl.models.heads import MLP
+from fetalssl.models.optim import LARS
+
+CONF = Path(fetalssl.__file__).parent / "conf"
+METHODS = ["barlowtwins", "vicreg", "simclr", "byol", "moco", "autoencoder", "inpainting"]
+DATA = {"batch_size": 8, "channels": 1, "image_size": 32}
+SMALL_HEAD = {"hidden_dims": [32], "out_dim": 16}
+SMALL = {  # shrink the paper-sized heads so the test runs in seconds
+    "barlowtwins": {"projector": SMALL_HEAD},
+    "vicreg": {"projector": SMALL_HEAD},
+    "simclr": {"projector": SMALL_HEAD},
+    "byol": {"projector": SMALL_HEAD, "predictor": SMALL_HEAD},
+    "moco": {"projector": SMALL_HEAD, "queue_size": 32},
+    "autoencoder": {"decoder": {"channels": [16, 16, 8, 8, 8]}},
+    "inpainting": {"decoder": {"channels": [16, 16, 8, 8, 8]}},
+}
+
+
+def build(method, backbone="resnet18", **overrides):
+    """Compose the real train.yaml (method file, its augment preset, backbone) and shrink the heads."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"method={method}", f"backbone={backbone}",
+                                          *(f"data.{k}={v}" for k, v in DATA.items())])
+    cfg = OmegaConf.merge(cfg, {"method": SMALL[method]}, {"method": overrides})
+    return instantiate(cfg.method, backbone=instantiate(cfg.backbone))
+
+
+class RandomPairs(Dataset):
+    def __init__(self, n=16, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.v1 = torch.randn(n, 1, 32, 32, generator=g)
+        self.v2 = self.v1 + 0.3 * torch.randn(n, 1, 32, 32, generator=g)
+
+    def __len__(self):
+        return len(self.v1)
+
+    def __getitem__(self, i):
+        return {"view1": self.v1[i], "view2": self.v2[i]}
+
+
+def loader():
+    return DataLoader(RandomPairs(), batch_size=8, drop_last=True)
+
+
+def trainer(tmp_path, max_steps, callbacks=()):
+    return L.Trainer(
+        max_steps=max_steps, limit_val_batches=1, accelerator="cpu", devices=1, default_root_dir=tmp_path,
+        logger=CSVLogger(tmp_path), enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=0, save_last=True), *callbacks],
+    )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_trains_checkpoints_and_exports_backbone(method, tmp_path):
+    torch.manual_seed(0)
+    model = build(method)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    # The probe monitor rides along on one method rather than costing a run of its own.
+    probe = [LinearProbeMonitor(labelled(4, 1), labelled(2, 2), every_n_epochs=1, knn=True)] if method == "simclr" else []
+    t = trainer(tmp_path, max_steps=2, callbacks=probe)
+    t.fit(model, loader(), loader())
+
+    assert t.global_step == 2
+    for key in ("train/loss", "val/loss", "lr"):
+        assert math.isfinite(t.callback_metrics[key].item()), key
+    assert t.callback_metrics["lr"].item() > 0
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    if method == "moco":  # the queue is a buffer, so it is checkpointed
+        assert torch.equal(ckpt["state_dict"]["queue"], model.queue) and ckpt["state_dict"]["queue_ptr"] == 16
+    if method == "simclr":
+        for key in ("probe/acc", "probe/macro_f1", "probe/knn_acc"):
+            assert 0.0 <= t.callback_metrics[key].item() <= 1.0
+        assert model.training
+    assert any(not torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
+
+    torch.save(model.backbone.state_dict(), tmp_path / "backbone.pt")
+    plain = timm.create_model("resnet18", num_classes=0, in_chans=1)
+    plain.load_state_dict(torch.load(tmp_path / "backbone.pt"), strict=True)
+
+
+@pytest.mark.parametrize("method, backbone", [("autoencoder", "vit_small")])
+def test_methods_work_with_other_backbones(method, backbone):
+    model = build(method, backbone=backbone)
+    batch = next(iter(loader()))
+    loss = model.loss(batch)
+    loss.backward()
+    assert math.isfinite(loss.item())
+
+
+def test_method_optimiser_scales_lr_by_world_size_and_steps_per_step():
+    model = SimCLR(
+        backbone=create_backbone("resnet18", 1),
+        projector=partial(MLP, hidden_dims=[8], out_dim=4, hidden_bn=True, last_bn=False),
+        temperature=0.5, gather=False,
+        optimizer=partial(LARS, momentum=0.9, weight_decay=1e-6, eta=1e-3),
+        base_lr=0.3, batch_size=32, warmup_epochs=2,
+    )
+    model.trainer = SimpleNamespace(world_size=4, accumulate_grad_batches=2, estimated_stepping_batches=50,
+                                    num_training_batches=10, train_dataloader=loader())
+    conf = model.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]
+    base = 0.3 * 32 * 4 * 2 / 256
+    assert sched["interval"] == "step" and model.total_steps == 50
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-6, 0.0]
+    for _ in range(10):  # 2 warm-up epochs of ceil(10 / 2) optimiser steps
+        opt.step()
+        sched["scheduler"].step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(base)
+    for _ in range(40):
+        opt.step()
+        sched["scheduler"].step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def _target_state(model):
+    """Target backbone weights (all of them get gradients online) and the MoCo queue."""
+    target = model.target_backbone if hasattr(model, "target_backbone") else model.key_backbone
+    state = {k: v.clone() for k, v in target.named_parameters()}
+    if hasattr(model, "queue"):
+        state["queue"] = model.queue.clone()
+    return state
+
+
+@pytest.mark.parametrize("method, overrides", [
+    ("byol", {"tau_base": 0.5}),
+    ("moco", {"tau_base": 0.5, "tau_final": 0.5}),
+])
+def test_target_moves_in_training_only(method, overrides, tmp_path):
+    torch.manual_seed(0)
+    model = build(method, warmup_epochs=0, **overrides)
+    start = _target_state(model)
+
+    trainer(tmp_path / "val", max_steps=1).validate(model, loader(), verbose=False)
+    for k, v in _target_state(model).items():
+        assert torch.equal(v, start[k]), f"validation changed {k}"
+
+    trainer(tmp_path / "fit", max_steps=1).fit(model, loader())
+    after = _target_state(model)
+    assert all(not torch.equal(after[k], start[k]) for k in start), "a target tensor did not move"
+    if method == "moco":
+        assert model.queue_ptr.item() == 8
+        assert torch.equal(model.queue[8:], start["queue"][8:])  # only one batch of keys enqueued
+
+
+# --- Linear-probe monitor ----------------------------------------------------------------------------
+
+
+def labelled(n_per_class, seed):
+    """Five classes, each a fixed random pattern plus noise: linearly separable in any sane feature space."""
+    patterns = torch.randn(5, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(5).repeat_interleave(n_per_class)
+    return patterns[y] + 0.2 * torch.randn(len(y), 1, 32, 32, generator=g), y
+
+
+def test_probe_monitor_scores_separable_data_and_restores_train_mode():
+    backbone = timm.create_model("resnet18", num_classes=0, in_chans=1)
+    backbone.train()
+    monitor = LinearProbeMonitor(labelled(8, 1), lambda: labelled(4, 2), every_n_epochs=1, knn=True, k=5)
+    metrics = monitor.evaluate(backbone, torch.device("cpu"))
+    assert backbone.training
+    assert metrics["probe/acc"] == 1.0 and metrics["probe/macro_f1"] == 1.0 and metrics["probe/knn_acc"] == 1.0
+
+
+def test_extract_features_is_detached_and_eval_mode():
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.9))
+    x = torch.ones(4, 1, 2, 2)
+    feats = extract_features(backbone, x, batch_size=3, device=torch.device("cpu"))
+    assert torch.equal(feats, torch.ones(4, 4)) and not feats.requires_grad  # dropout off in eval
+
+
+@pytest.mark.parametrize("method, preset", [("barlowtwins", "barlowtwins"), ("vicreg", "barlowtwins"),
+                                            ("byol", "barlowtwins"), ("simclr", "simclr"), ("moco", "simclr"),
+                                            ("autoencoder", "autoencoder"), ("inpainting", "autoencoder")])
+def test_method_selects_its_papers_views_unless_overridden(method, preset):
+    with initialize_config_dir(str(CONF), version_base="1.3", job_name="t"):
+        cfg = compose("train", overrides=[f"method={method}"], return_hydra_config=True)
+        overridden = compose("train", overrides=[f"method={method}", "augment=ultrasound"], return_hydra_config=True)
+    assert cfg.hydra.runtime.choices.augment == preset
+    assert overridden.hydra.runtime.choices.augment == "ultrasound"

@@ -1,0 +1,260 @@
+"""Video indexing and the pretraining DataModule: patient split, batches, determinism across workers/epochs."""
+
+import logging
+from pathlib import Path
+
+import albumentations as A
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from lightning.fabric.utilities.data import _set_sampler_epoch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from omegaconf import OmegaConf
+
+from fetalssl.data.index import find_videos, index_videos, read_manifest
+from fetalssl.data.pairs import SameFramePairs, TemporalPairs
+from fetalssl.data.pretrain import VideoFramePairDataModule, prepare, split_by_patient
+from test_video import write_video
+
+CONF = Path(__file__).parents[1] / "src" / "fetalssl" / "conf"
+PATTERN = "^([^/]+)/"
+# patient -> scans; frame counts differ so videos are distinguishable
+LAYOUT = {
+    "p01": ["s1.mp4", "s2.avi"],
+    "p02": ["s1.mp4"],
+    "p03": ["s1.avi"],
+    "p04": ["s1.mp4"],
+    "p05": ["s1.mp4"],
+}
+
+
+@pytest.fixture(scope="module")
+def video_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo") / "videos"
+    for i, (patient, scans) in enumerate(LAYOUT.items()):
+        for j, scan in enumerate(scans):
+            path = write_video(root / patient / scan, n_frames=24 + 3 * i + j, size=(40, 48))
+            path.with_suffix(".csv").write_text("frame,plane\n0,4CH\n")  # per-video labels: not a video
+    return root
+
+
+def preset(name, image_size=16):
+    cfg = OmegaConf.create(
+        {"data": {"image_size": image_size}, "a": OmegaConf.load(CONF / "augment" / f"{name}.yaml")}
+    )
+    return instantiate(cfg.a)
+
+
+def identity_views(size=16):
+    def make():
+        return A.Compose([A.Resize(size, size)])
+
+    return {"view1": make(), "view2": make()}
+
+
+def make_dm(root, tmp_path, pair_sampler=None, views=None, **overrides):
+    args = dict(
+        root=str(root),
+        manifest=None,
+        cache_dir=str(tmp_path / "cache"),
+        patient_pattern=PATTERN,
+        short_side=32,
+        stride=1,
+        image_size=16,
+        channels=3,
+        mean=0.5,
+        std=0.25,
+        batch_size=4,
+        num_workers=0,
+        samples_per_video=6,
+        val_fraction=0.4,
+        seed=0,
+        pair_sampler=pair_sampler or SameFramePairs(),
+        views=views or identity_views(),
+    )
+    args.update(overrides)
+    dm = VideoFramePairDataModule(**args)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def batches(loader):
+    return [{k: v.clone() for k, v in b.items()} for b in loader]
+
+
+def test_find_videos_ignores_other_files_and_reads_patients(video_root):
+    records = find_videos(video_root, PATTERN)
+    assert [r.path.relative_to(video_root).as_posix() for r in records] == [
+        f"{p}/{s}" for p, scans in LAYOUT.items() for s in sorted(scans)
+    ]
+    assert [r.patient_id for r in records] == [p for p, scans in LAYOUT.items() for _ in scans]
+    with pytest.raises(ValueError, match="patient_pattern"):
+        find_videos(video_root, r"^patient-(\d+)/")
+
+
+def test_manifest_paths_relative_to_csv(video_root, tmp_path):
+    manifest = video_root.parent / "list.csv"
+    manifest.write_text("path,patient_id,label\nvideos/p02/s1.mp4,42,x\nvideos/p01/s2.avi,7,y\n")
+    records = index_videos(None, manifest, PATTERN)
+    assert [(r.path, r.patient_id) for r in records] == [
+        (video_root / "p02/s1.mp4", "42"),
+        (video_root / "p01/s2.avi", "7"),
+    ]
+    no_ids = tmp_path / "no_ids.csv"
+    no_ids.write_text("path\nA/x.mp4\nB/y.mp4\n")
+    assert [r.patient_id for r in read_manifest(no_ids, PATTERN)] == ["A", "B"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file\nx.mp4\n")
+    with pytest.raises(ValueError, match="path"):
+        read_manifest(bad, PATTERN)
+
+
+def test_split_is_grouped_by_patient(video_root, tmp_path):
+    dm = make_dm(video_root, tmp_path)
+    train_patients = {v.patient_id for v in dm.train_set.videos}
+    val_patients = {v.patient_id for v in dm.val_set.videos}
+    assert not train_patients & val_patients and train_patients | val_patients == set(LAYOUT)
+    assert len(val_patients) == 2  # round(0.4 * 5)
+    assert len(dm.train_set) == 6 * len(dm.train_set.videos)
+    videos = dm.train_set.videos + dm.val_set.videos
+    for seed in range(20):  # never empty on either side, even with tiny fractions
+        train, val = split_by_patient(videos, 0.01, seed)
+        assert len({v.patient_id for v in val}) == 1 and train
+
+
+@pytest.mark.filterwarnings("ignore:The image is already gray")  # ToGray on 1 channel is a no-op
+@pytest.mark.parametrize("channels", [1, 3])
+def test_batches_are_normalised_view_dicts(video_root, tmp_path, channels):
+    dm = make_dm(video_root, tmp_path, views=preset("barlowtwins"), channels=channels)
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"view1", "view2"}
+    for view in batch.values():
+        assert view.shape == (4, channels, 16, 16) and view.dtype == torch.float32
+        assert view.min() >= -2.0 and view.max() <= 2.0  # (x - 0.5) / 0.25 on [0, 1]
+    assert not torch.equal(batch["view1"], batch["view2"])
+    assert len(dm.train_dataloader()) == len(dm.train_set) // 4  # drop_last
+
+
+def test_same_frame_views_identical_temporal_within_gap(video_root, tmp_path):
+    dm = make_dm(video_root, tmp_path)
+    for sample in (dm.train_set[i] for i in range(len(dm.train_set))):
+        torch.testing.assert_close(sample["view1"], sample["view2"])
+    dm = make_dm(video_root, tmp_path, pair_sampler=TemporalPairs(max_gap=2, unit="frames"))
+    gaps = []
+    for index in range(len(dm.train_set)):
+        sample = dm.train_set[index]
+        # identify the source frame of each view: the cached frame whose resized image matches it best
+        cached = np.asarray(dm.train_set.videos[index % len(dm.train_set.videos)].frames(), np.float32)
+        resized = torch.nn.functional.interpolate(torch.from_numpy(cached)[:, None], size=16, mode="area")[
+            :, 0
+        ]
+        frames = [
+            int(((resized - (sample[v][0] * 0.25 + 0.5) * 255) ** 2).mean(dim=(1, 2)).argmin())
+            for v in ("view1", "view2")
+        ]
+        gaps.append(abs(frames[0] - frames[1]))
+    assert max(gaps) == 2 and min(gaps) == 0
+
+
+def test_workers_give_identical_samples_and_epochs_differ(video_root, tmp_path):
+    loader0 = make_dm(video_root, tmp_path, views=preset("simclr"), num_workers=0).train_dataloader()
+    dm2 = make_dm(video_root, tmp_path, views=preset("simclr"), num_workers=2)
+    loader2 = dm2.train_dataloader()
+    epoch0 = batches(loader0)
+    for a, b in zip(epoch0, batches(loader2), strict=True):
+        torch.testing.assert_close(a, b)
+    for loader in (loader0, loader2):
+        _set_sampler_epoch(loader, 1)  # what Lightning does before each epoch
+    epoch1 = batches(loader0)
+    for a, b in zip(epoch1, batches(loader2), strict=True):
+        torch.testing.assert_close(a, b)
+    assert not torch.equal(epoch0[0]["view1"], epoch1[0]["view1"])
+    # val pairs do not follow the training epoch: val/loss stays comparable
+    val_loader = dm2.val_dataloader()
+    val_epoch0 = batches(val_loader)
+    _set_sampler_epoch(val_loader, 4)  # Lightning's call on every loader before an epoch
+    torch.testing.assert_close(val_epoch0, batches(val_loader))
+
+
+def test_epoch_reaches_dataset_through_ddp_wrapper(video_root, tmp_path):
+    dm = make_dm(video_root, tmp_path)
+    sampler = dm.train_dataloader().sampler
+    shards = [DistributedSamplerWrapper(sampler, num_replicas=2, rank=r, shuffle=False) for r in (0, 1)]
+    for shard in shards:
+        shard.set_epoch(5)
+    assert dm.train_set.epoch == 5
+    indices = [list(shard) for shard in shards]
+    assert not set(indices[0]) & set(indices[1]) and len(indices[0]) + len(indices[1]) == len(dm.train_set)
+
+
+def test_config_instantiates_and_bad_videos_are_skipped(video_root, tmp_path, caplog):
+    bad_root = tmp_path / "videos"
+    for patient in ("p01", "p02"):
+        write_video(bad_root / patient / "ok.mp4", n_frames=12, size=(40, 48))
+    (bad_root / "p02" / "broken.mp4").write_bytes(b"\x00" * 1000)
+    cfg = OmegaConf.create(
+        {
+            "seed": 3,
+            "data": OmegaConf.load(CONF / "data" / "videos.yaml"),
+            "pairs": OmegaConf.load(CONF / "pairs" / "temporal.yaml"),
+            "augment": OmegaConf.load(CONF / "augment" / "ultrasound.yaml"),
+        }
+    )
+    cfg.data.root = str(bad_root)
+    cfg.data.batch_size = 2
+    cfg.data.num_workers = 0
+    with caplog.at_level(logging.WARNING):
+        summary = prepare(cfg.data)
+    assert summary.videos_read == 2 and [p.name for p, _ in summary.skipped] == ["broken.mp4"]
+    assert (bad_root / ".fetalssl_cache" / "index.json").exists()  # default cache_dir under root
+    dm = instantiate(cfg.data, pair_sampler=instantiate(cfg.pairs), views=instantiate(cfg.augment))
+    assert dm.seed == 3 and dm.channels == 3
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["view1"].shape == (2, 3, 128, 128)
+    assert {v.patient_id for v in dm.val_set.videos} and len(dm.train_set.videos) == 1
+
+
+class RecordingModule(L.LightningModule):
+    """Minimal module that records the first training batch of every epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.first_batches: list[torch.Tensor] = []
+        self.val_batches: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            self.first_batches.append(batch["view1"].clone())
+        return (self.weight * batch["view1"].mean()).sum()
+
+    def validation_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            self.val_batches.append(batch["view1"].clone())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_lightning_fit_sees_new_pairs_each_epoch(video_root, tmp_path):
+    dm = make_dm(video_root, tmp_path, views=preset("simclr"))
+    module = RecordingModule()
+    trainer = L.Trainer(
+        max_epochs=2,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=dm)
+    assert len(module.first_batches) == 2 and not torch.equal(*module.first_batches)
+    torch.testing.assert_close(*module.val_batches)

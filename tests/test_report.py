@@ -1,0 +1,220 @@
+"""fetalssl-report on a hand-made sweep directory with known numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from fetalssl.cli.report import main
+from fetalssl.report.collect import collect_sweep, expected_jobs_from_multirun
+from fetalssl.report.plots import read_confusion_matrix, sum_confusions
+from fetalssl.report.tables import aggregate, make_labeller
+
+CLASSES = ["4CH", "LVOT", "RVOT", "3VV", "3VT"]
+INITS = [("ssl", "barlowtwins"), ("random", None), ("imagenet", None)]
+FRACTIONS = [0.01, 0.1]
+MODES = ["linear", "full"]
+SEEDS = [0, 1, 2]
+FAILED_POINT = ("random", 0.1, "full", 2)
+MISSING_POINT = ("imagenet", 0.01, "full", 1)  # run dir with .hydra/ but no metrics.json
+
+
+def known_macro_f1(init: str, fraction: float, mode: str, seed: int) -> float:
+    """Distinct value per run; ssl is best at 1% and imagenet at 10% (for the bold check)."""
+    base = {("ssl", 0.01): 0.70, ("random", 0.01): 0.40, ("imagenet", 0.01): 0.60,
+            ("ssl", 0.1): 0.80, ("random", 0.1): 0.55, ("imagenet", 0.1): 0.85}[(init, fraction)]
+    return base + (0.02 if mode == "full" else 0.0) + 0.013 * seed ** 2
+
+
+def known_confusion(seed: int) -> np.ndarray:
+    return np.eye(len(CLASSES), dtype=int) * (10 + seed) + 1
+
+
+def write_run(run_dir: Path, payload: dict | str | None, overrides: list[str], confusion=None,
+              confusion_row_names: bool = True) -> None:
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if payload is not None:
+        text = payload if isinstance(payload, str) else json.dumps(payload)
+        (run_dir / "metrics.json").write_text(text)
+    if confusion is not None:
+        with open(run_dir / "confusion_matrix.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(([""] if confusion_row_names else []) + CLASSES)
+            for name, row in zip(CLASSES, confusion, strict=True):
+                writer.writerow(([name] if confusion_row_names else []) + list(row))
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    root = tmp_path / "sweep"
+    job = 0
+    for init, method in INITS:
+        for fraction in FRACTIONS:
+            for mode in MODES:
+                for seed in SEEDS:
+                    grid = {"init": init, "method": method, "fraction": fraction, "finetune_mode": mode,
+                            "seed": seed, "backbone": "resnet18"}
+                    overrides = [f"init={init}", f"fraction={fraction}", f"finetune_mode={mode}", f"seed={seed}"]
+                    point = (init, fraction, mode, seed)
+                    f1 = known_macro_f1(*point)
+                    if point == FAILED_POINT:
+                        payload = {"status": "failed", "grid": grid,
+                                   "error": "Traceback ...\nRuntimeError: CUDA out of memory"}
+                    elif point == MISSING_POINT:
+                        payload = None
+                    else:
+                        payload = {"status": "ok", "grid": grid, "config_key": f"k{job}",
+                                   "test": {"macro_f1": f1, "balanced_accuracy": f1 + 0.01, "accuracy": f1 + 0.02,
+                                            "per_class_f1": dict.fromkeys(CLASSES, f1)},
+                                   "val": {"macro_f1": 0.0}}
+                    write_run(root / str(job), payload, overrides, confusion=known_confusion(seed),
+                              confusion_row_names=seed % 2 == 0)
+                    job += 1
+    write_run(root / "broken", "{not json", ["init=ssl"])
+    return root
+
+
+def read_results_csv(path: Path) -> dict[tuple[str, float, str, str], dict[str, str]]:
+    with open(path, newline="") as fh:
+        return {(r["init"], float(r["fraction"]), r["mode"], r["metric"]): r for r in csv.DictReader(fh)}
+
+
+def markdown_rows(markdown: str, heading: str) -> dict[str, list[str]]:
+    """Rows of the table under ``heading``: label -> cells."""
+    section = markdown.split(heading, 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
+
+
+def test_collect_separates_ok_failed_incomplete_and_malformed(sweep: Path):
+    results = collect_sweep(sweep)
+    n_points = len(INITS) * len(FRACTIONS) * len(MODES) * len(SEEDS)
+    assert len(results.ok) == n_points - 2
+    assert [r.grid["seed"] for r in results.failed] == [FAILED_POINT[3]]
+    assert "CUDA out of memory" in results.failed[0].error
+    assert [r.run_dir.name for r in results.incomplete] == ["28"]  # job number of imagenet, 1%, full, seed 1
+    assert [m.path.parent.name for m in results.malformed] == ["broken"]
+    missing = [p.values for p in results.missing_grid_points]
+    assert missing == [{"init": "imagenet", "backbone": "resnet18", "finetune_mode": "full",
+                        "fraction": "0.01", "seed": "1"}]
+    assert results.ok[0].metrics["test.per_class_f1.4CH"] == pytest.approx(results.ok[0].metrics["test.macro_f1"])
+    assert not any(key.startswith("val.") for key in results.ok[0].metrics)
+
+
+def test_cli_writes_tables_matching_numpy(sweep: Path, tmp_path: Path, capsys):
+    out = tmp_path / "report"
+    assert main([str(sweep), "--out", str(out)]) == 0
+
+    rows = read_results_csv(out / "results.csv")
+    for init, method in INITS:
+        label = f"{init}:{method}" if method else init
+        for fraction in FRACTIONS:
+            for mode in MODES:
+                seeds = [s for s in SEEDS if (init, fraction, mode, s) not in (FAILED_POINT, MISSING_POINT)]
+                values = np.array([known_macro_f1(init, fraction, mode, s) for s in seeds])
+                row = rows[(label, fraction, mode, "test.macro_f1")]
+                assert int(row["n"]) == len(seeds)
+                assert float(row["mean"]) == pytest.approx(values.mean())
+                assert float(row["std"]) == pytest.approx(values.std(ddof=1))
+                assert float(rows[(label, fraction, mode, "test.accuracy")]["mean"]) == pytest.approx(
+                    values.mean() + 0.02)
+
+    markdown = (out / "results.md").read_text()
+    assert markdown in capsys.readouterr().out
+    linear = markdown_rows(markdown, "## test.macro_f1 — finetune_mode=linear")
+    assert linear["init"] == ["1%", "10%"]
+    ssl_1 = np.array([known_macro_f1("ssl", 0.01, "linear", s) for s in SEEDS]) * 100
+    assert linear["ssl:barlowtwins"][0] == f"**{ssl_1.mean():.1f} ± {ssl_1.std(ddof=1):.1f}** (n=3)"
+    bold = {label: [c.startswith("**") for c in cells] for label, cells in linear.items() if label != "init"}
+    assert bold == {"ssl:barlowtwins": [True, False], "random": [False, False], "imagenet": [False, True]}
+
+    problems = markdown.split("## Missing / failed runs", 1)[1]
+    assert "### Failed runs (status \"failed\"): 1" in problems
+    assert "RuntimeError: CUDA out of memory" in problems
+    assert "### Incomplete runs" in problems and "init=imagenet fraction=0.01 finetune_mode=full seed=1" in problems
+    assert "`broken/metrics.json`" in problems
+
+    for name in ("f1_vs_fraction.png", "confusion_grid.png"):
+        png = (out / name).read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 1000
+    with open(out / "runs.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == len(collect_sweep(sweep).ok)
+
+
+def test_confusions_are_summed_over_seeds(sweep: Path):
+    records = collect_sweep(sweep).ok
+    confusions = sum_confusions(records, make_labeller(records), fractions=[0.1])
+    assert {fraction for _, fraction, _ in confusions} == {0.1}
+    summed = confusions[("random", 0.1, "full")]  # seed 2 failed there
+    assert summed.n_runs == 2 and summed.classes == tuple(CLASSES)
+    np.testing.assert_array_equal(summed.matrix, known_confusion(0) + known_confusion(1))
+
+
+def test_read_confusion_matrix_formats_and_errors(tmp_path: Path):
+    plain = tmp_path / "plain.csv"
+    plain.write_text("a,b\n3,1\n0,4\n")
+    classes, matrix = read_confusion_matrix(plain)
+    assert classes == ["a", "b"]
+    np.testing.assert_array_equal(matrix, [[3, 1], [0, 4]])
+    swapped = tmp_path / "swapped.csv"
+    swapped.write_text(",a,b\nb,3,1\na,0,4\n")
+    with pytest.raises(ValueError, match="row classes"):
+        read_confusion_matrix(swapped)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n3,x\n0,4\n")
+    with pytest.raises(ValueError, match="row 2"):
+        read_confusion_matrix(bad)
+
+
+def test_newer_duplicate_replaces_older_run(sweep: Path, tmp_path: Path):
+    original = sweep / "0" / "metrics.json"
+    payload = json.loads(original.read_text())
+    payload["test"]["macro_f1"] = 0.99
+    rerun = sweep / "rerun" / "metrics.json"
+    rerun.parent.mkdir()
+    rerun.write_text(json.dumps(payload))
+    os.utime(original, (0, 0))
+    results = collect_sweep(sweep)
+    assert [r.path for r in results.duplicates] == [original]
+    cells = aggregate(results.ok, ["test.macro_f1"])
+    cell = next(c for c in cells if (c.label, c.fraction, c.mode) == ("ssl:barlowtwins", 0.01, "linear"))
+    assert cell.n == 3 and 0.99 in cell.values
+
+
+def test_missing_jobs_from_multirun_yaml(tmp_path: Path):
+    root = tmp_path / "multirun"
+    root.mkdir()
+    task = ["init=ssl,random", "seed=0,1", "trainer.max_epochs=1"]
+    (root / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": task}}}))
+    jobs = [["init=ssl", "seed=0"], ["init=ssl", "seed=1"], ["init=random", "seed=0"], ["init=random", "seed=1"]]
+    jobs = [job + ["trainer.max_epochs=1"] for job in jobs]
+    assert expected_jobs_from_multirun(root / "multirun.yaml") == [frozenset(job) for job in jobs]
+    for num, job in enumerate(jobs[:3]):
+        grid = {"init": job[0].split("=")[1], "method": None, "fraction": 0.05, "finetune_mode": "linear",
+                "seed": int(job[1].split("=")[1])}
+        payload = None if num == 2 else {"status": "ok", "grid": grid, "test": {"macro_f1": 0.5}}
+        write_run(root / str(num), payload, job)
+    results = collect_sweep(root)
+    assert len(results.ok) == 2
+    assert [r.run_dir.name for r in results.incomplete] == ["2"]
+    assert [p.values for p in results.missing_grid_points] == [
+        {"init": "random", "seed": "1", "trainer.max_epochs": "1"}]
+
+
+def test_cli_fails_clearly_without_metrics(tmp_path: Path, capsys):
+    (tmp_path / "empty" / "0" / ".hydra").mkdir(parents=True)
+    assert main([str(tmp_path / "empty")]) == 1
+    assert "no metrics.json found" in capsys.readouterr().err
+    assert main([str(tmp_path / "nonexistent")]) == 2
+
+
+def test_cli_rejects_unknown_metric(sweep: Path, tmp_path: Path, capsys):
+    assert main([str(sweep), "--out", str(tmp_path / "r"), "--metric", "auroc"]) == 2
+    assert "test.auroc" in capsys.readouterr().err
