@@ -15,6 +15,6 @@ RUNS=$DEMO/runs
 $BIN/fetalssl-train experiment=demo data.root="$DATA" paths.output_root="$RUNS" run_id=demo
 
 $BIN/fetalssl-finetune -m experiment=demo_finetune data.root="$DATA" paths.output_root="$RUNS" run_id=demo \
-  init=random,ssl init.ssl_dir="$RUNS/pretrain" finetune_mode=linear,full data_fraction=10,100
+  init=random,ssl_barlowtwins finetune_mode=linear,full data_fraction=pct10,pct100
 
 $BIN/fetalssl-report "$RUNS/finetune_sweep/demo"

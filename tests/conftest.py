@@ -1,4 +1,28 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BIN = Path(sys.executable).parent
+
+
+def run_cli(name: str, *args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a console script the way a user does (a subprocess: Hydra and Lightning own the process)."""
+    result = subprocess.run([str(BIN / name), *map(str, args)], cwd=cwd, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{name} {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_data(tmp_path_factory) -> Path:
+    """A small fetalssl-demo-data folder (2 video patients, 50 stills) shared by the CLI tests."""
+    out = tmp_path_factory.mktemp("demo") / "data"
+    run_cli("fetalssl-demo-data", out, "--patients", 2, "--videos-per-patient", 1, "--frames", 30, "--size", 64,
+            "--still-patients", 10, "--stills", 50, "--still-size", 64)
+    return out

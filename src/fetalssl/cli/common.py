@@ -5,19 +5,43 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, read_write
 
 log = logging.getLogger(__name__)
 
+# Slurm asks for GPUs only for GPU trainers (conf/launcher/slurm.yaml); registered at import, before composition.
+OmegaConf.register_new_resolver(
+    "gpus_per_node", lambda accelerator, devices: devices if accelerator in ("gpu", "cuda") else 0, replace=True
+)
+
+
+def pin_multirun_job_for_ddp() -> None:
+    """Make Lightning's per-rank re-launch run only this sweep job, in this job's directory.
+
+    Lightning starts ranks > 0 as ``sys.argv + hydra.run.dir=<HydraConfig run.dir>`` (subprocess_script.py). In a
+    multirun that would be the whole sweep (``-m`` and the sweep lists) with the unused run dir. So: argv becomes
+    this job's own overrides (no -m) and run.dir this job's output dir. Single runs need nothing.
+    """
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    hydra_cfg = HydraConfig.get()
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Trainer:
+    pin_multirun_job_for_ddp()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     callbacks += extra_callbacks or []
     logger_cfg = cfg.get("logger")
@@ -25,15 +49,24 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Tra
     return instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
 
 
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest resume point in a run dir: checkpoints/last.ckpt (periodic) or hpc_ckpt_<n>.ckpt, which
+    Lightning's SLURM requeue handler writes into trainer.default_root_dir (= the run dir) when the signal comes."""
+    candidates = [output_dir / "checkpoints" / "last.ckpt", *output_dir.glob("hpc_ckpt_*.ckpt")]
+    existing = [p for p in candidates if p.is_file()]
+    return max(existing, key=lambda p: p.stat().st_mtime_ns) if existing else None
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """`last` or an existing <run dir>/checkpoints/last.ckpt means resume; a missing explicit path is an error."""
-    last = output_dir / "checkpoints" / "last.ckpt"
+    """`last` or a run dir that already holds a checkpoint means resume from the newest one (see
+    latest_checkpoint); a missing explicit path is an error."""
     if ckpt_path in (None, "last"):
-        if last.is_file():
-            log.info("Resuming from %s", last)
-            return str(last)
+        latest = latest_checkpoint(output_dir)
+        if latest is not None:
+            log.info("Resuming from %s", latest)
+            return str(latest)
         if ckpt_path == "last":
-            log.warning("ckpt_path=last but %s does not exist: starting from scratch", last)
+            log.warning("ckpt_path=last but %s holds no checkpoint: starting from scratch", output_dir)
         return None
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")

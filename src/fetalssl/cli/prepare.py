@@ -1,16 +1,16 @@
-"""fetalssl-prepare: decode every video under data.root once into the frame cache (what training reads)."""
+"""fetalssl-prepare: decode every video under data.root (or data.manifest) once into the frame cache."""
 
 from __future__ import annotations
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from fetalssl.data.pretrain import prepare
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+
+@hydra.main(config_path="../conf", config_name="prepare", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    datamodule = instantiate(cfg.data, pair_sampler=instantiate(cfg.pairs), views=instantiate(cfg.augment))
-    datamodule.prepare_data()
+    print(prepare(cfg.data))
 
 
 if __name__ == "__main__":

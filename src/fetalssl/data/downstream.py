@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fetalssl.data.splits import (
+    LABELS_CSV,
     SPLITS,
     LabelledImage,
     check_classes_present,
@@ -148,6 +149,12 @@ class DownstreamDataModule(L.LightningDataModule):
                                self.test_fraction, self.split_seed)
         return [LabelledImage(r.path, r.image_path, r.label, r.patient_id, str(s), r.source)
                 for r, s in zip(rows, splits, strict=True)]
+
+    def labels_csv(self) -> Path | None:
+        """The labels CSV read (a CSV given as root, or root/labels.csv); None for class folders."""
+        if (self.root / LABELS_CSV).is_file():
+            return self.root / LABELS_CSV
+        return self.root if self.root.is_file() else None
 
     def rows(self, split: str) -> list[LabelledImage]:
         """Rows of a split; "train" is the fraction subset actually trained on."""

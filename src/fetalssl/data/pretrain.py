@@ -9,6 +9,7 @@ are forked after the epoch was set.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,7 +20,8 @@ import albumentations as A
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
 from fetalssl.data.cache import CachedVideo, CacheSummary, build_cache, load_cache
 from fetalssl.data.index import VideoRecord, index_videos
@@ -176,6 +178,58 @@ class EpochSampler(Sampler[int]):
         return iter(np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dataset)).tolist())
 
 
+def interleaved_shard(sampler: EpochSampler, num_replicas: int, rank: int) -> DistributedSampler:
+    """Rank ``rank``'s share of the sampler's epoch order: positions rank, rank + W, rank + 2W, ...
+
+    So batch k of W ranks x B holds exactly the samples of batch k of one process x W*B, and the order does not
+    depend on the world size. (Lightning would wrap the sampler itself, but always with shuffle=True for training,
+    which re-permutes the epoch order with torch.randperm before sharding; Lightning leaves a DistributedSampler
+    alone.) drop_last: every rank gets the same number of samples, so gathering ranks never wait on each other.
+    set_epoch is forwarded to the EpochSampler (and so to the dataset).
+    """
+    return DistributedSamplerWrapper(sampler, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=True)
+
+
+class ResumableDataLoader(DataLoader):
+    """Training loader that resumes mid-epoch (Lightning's stateful-dataloader protocol).
+
+    ``state_dict`` records the sampler's epoch and how many batches of it were handed out; Lightning stores it in
+    every checkpoint and calls ``load_state_dict`` on resume (under DDP the count is per rank: each rank skips
+    that many of its own shard's batches). The next pass over that epoch then skips those batches as index lists: nothing is loaded twice.
+    Lightning fetches training batches without prefetching when the loader has a length, so "handed out" equals
+    "trained on". Iteration starts lazily, at the first batch: on resume Lightning creates the iterator before
+    ``set_epoch``, and the sampler's order and the (forked) workers' dataset epoch must already be the resumed one.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._epoch = 0
+        self._handed_out = 0
+        self._resume_at: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._handed_out}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self._resume_at = dict(state)
+
+    @property
+    def _index_sampler(self):
+        # torch's DataLoader draws batch indices from this property (private, stable since torch 1.2)
+        return itertools.islice(self.batch_sampler, self._handed_out, None)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)  # the whole epoch, as Lightning counts a resumed epoch's batches from 0
+
+    def __iter__(self) -> Iterator:
+        resume, self._resume_at = self._resume_at, None
+        self._epoch = self.sampler.epoch  # EpochSampler, or the interleaved_shard around it
+        self._handed_out = resume["batches"] if resume and resume["epoch"] == self._epoch else 0
+        for batch in super().__iter__():
+            self._handed_out += 1
+            yield batch
+
+
 class VideoFramePairDataModule(L.LightningDataModule):
     """Frame pairs from videos under `root` (or listed in `manifest`) for self-supervised pretraining.
 
@@ -263,9 +317,11 @@ class VideoFramePairDataModule(L.LightningDataModule):
             self.std,
         )
 
-    def _loader(self, dataset: FramePairDataset, sampler: Sampler[int], drop_last: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
+    def _loader(
+        self, dataset: FramePairDataset, sampler: Sampler[int], drop_last: bool, loader_cls: type = DataLoader
+    ) -> DataLoader:
+        return loader_cls(
+            dataset=dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
@@ -277,9 +333,14 @@ class VideoFramePairDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             raise RuntimeError("call setup() first")
-        # drop_last: batch statistics (BatchNorm, cross-correlation) need full batches
-        drop_last = len(self.train_set) >= self.batch_size
-        return self._loader(self.train_set, EpochSampler(self.train_set, True, self.seed), drop_last)
+        # drop_last: batch statistics (BatchNorm, cross-correlation) need full batches, and losses that gather
+        # across ranks need equal ones. Under DDP each rank gets a 1/world_size shard (Lightning wraps the sampler).
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        drop_last = len(self.train_set) // world_size >= self.batch_size
+        sampler = EpochSampler(self.train_set, True, self.seed)
+        if world_size > 1:
+            sampler = interleaved_shard(sampler, **self.trainer.distributed_sampler_kwargs)
+        return self._loader(self.train_set, sampler, drop_last, loader_cls=ResumableDataLoader)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:

@@ -6,6 +6,8 @@ recomputed from predictions.csv, so metrics.json always agrees with the saved pr
 - balanced_accuracy: mean per-class recall (sklearn balanced_accuracy_score; every split holds every class);
 - accuracy: share of correct predictions;
 - per_class_f1: F1 of each class, by name.
+Video level (labels CSV with a `video` column, e.g. frames from fetalssl-extract-frames): a video's class
+probabilities are the mean of its frames', its label the (single) label of its frames; same metrics.
 """
 
 from __future__ import annotations
@@ -78,6 +80,36 @@ def compute_metrics(targets: torch.Tensor, preds: torch.Tensor, classes: Sequenc
     collection = metric_collection(len(classes))
     collection.update(preds, targets)
     return collection.compute()
+
+
+def video_labels(labels_csv: Path) -> dict[str, str] | None:
+    """image_path -> video from a labels CSV, or None when it has no `video` column."""
+    with Path(labels_csv).open(newline="") as f:
+        reader = csv.DictReader(f)
+        if "video" not in (reader.fieldnames or []):
+            return None
+        return {row["image_path"]: row["video"] for row in reader}
+
+
+def video_metrics_from_predictions(path: Path, video_of: dict[str, str], classes: Sequence[str]) -> dict:
+    """metrics.json section at video level: mean frame probabilities per video, argmax, same metrics."""
+    index = {c: i for i, c in enumerate(classes)}
+    probs: dict[str, list[np.ndarray]] = {}
+    label: dict[str, int] = {}
+    with Path(path).open(newline="") as f:
+        for row in csv.DictReader(f):
+            video = video_of.get(row["image_path"])
+            if video is None:
+                raise ValueError(f"{path}: {row['image_path']} has no video in the labels CSV")
+            if label.setdefault(video, index[row["label"]]) != index[row["label"]]:
+                raise ValueError(f"{path}: video {video} has frames of several labels")
+            probs.setdefault(video, []).append(np.array([float(row[f"prob_{c}"]) for c in classes]))
+    videos = sorted(probs)
+    targets = torch.tensor([label[v] for v in videos], dtype=torch.long)
+    preds = torch.tensor([int(np.mean(probs[v], axis=0).argmax()) for v in videos], dtype=torch.long)
+    summary = summarize(compute_metrics(targets, preds, classes), classes)
+    summary["n_videos"] = len(videos)
+    return summary
 
 
 def metrics_from_predictions(path: Path, classes: Sequence[str]) -> tuple[dict, np.ndarray]:

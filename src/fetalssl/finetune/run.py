@@ -5,7 +5,8 @@ init (conf/init), finetune_mode (conf/finetune_mode), classifier {class_weighted
 warmup_fraction}, monitor, monitor_mode, trainer, and optionally callbacks / logger (as for pretraining).
 
 Files written to `output_dir`: train_subset.csv, checkpoints/best.ckpt (weights of the best `monitor` epoch),
-predictions.csv (test) and val_predictions.csv, confusion_matrix.{csv,png} (test), metrics.json.
+predictions.csv (test) and val_predictions.csv, confusion_matrix.{csv,png} (test), metrics.json (with a
+"test_video" section, frame probabilities averaged per video, when the labels CSV has a `video` column).
 metrics.json is written with status "failed" and the error when anything raises, then the error propagates.
 """
 
@@ -25,10 +26,18 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fetalssl.cli.common import build_trainer, save_json
+from fetalssl.data.downstream import DownstreamDataModule
+from fetalssl.finetune import hog
 from fetalssl.finetune.classifier import PlaneClassifier
 from fetalssl.finetune.features import CachedFeatureDataModule
 from fetalssl.finetune.init import build_backbone, recorded_method
-from fetalssl.finetune.metrics import metrics_from_predictions, write_confusion_matrix, write_predictions
+from fetalssl.finetune.metrics import (
+    metrics_from_predictions,
+    video_labels,
+    video_metrics_from_predictions,
+    write_confusion_matrix,
+    write_predictions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,22 +103,39 @@ def _train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     best = checkpoint.best_model_path
     log.info("Best %s = %s at %s", cfg.monitor, checkpoint.best_model_score, best)
     logged_test = trainer.test(model, datamodule=data, ckpt_path=best, verbose=False)[0]
+    probs = {split: _predict(trainer, model, data.loader(split), best) for split in PREDICTION_FILES}
+    result = _write_outputs(images, probs, output_dir)
+    result["logged_test"] = {k: float(v) for k, v in logged_test.items()}
+    result["best_checkpoint"] = best
+    return result
 
+
+def _write_outputs(images: DownstreamDataModule, probs: dict[str, torch.Tensor],
+                   output_dir: Path) -> dict[str, Any]:
+    """predictions / confusion files and the metrics.json sections, from class probabilities per split."""
     result: dict[str, Any] = {}
     for split, filename in PREDICTION_FILES.items():
-        probs = _predict(trainer, model, data.loader(split), best)
         dataset = images.dataset(split)
-        write_predictions(output_dir / filename, dataset.image_paths, torch.from_numpy(dataset.labels), probs,
-                          images.classes)
+        write_predictions(output_dir / filename, dataset.image_paths, torch.from_numpy(dataset.labels),
+                          probs[split], images.classes)
         result[split], matrix = metrics_from_predictions(output_dir / filename, images.classes)
         if split == "test":
             write_confusion_matrix(matrix, images.classes, output_dir / "confusion_matrix.csv",
                                    output_dir / "confusion_matrix.png")
-    result["logged_test"] = {k: float(v) for k, v in logged_test.items()}
+    labels_csv = images.labels_csv()
+    video_of = video_labels(labels_csv) if labels_csv is not None else None
+    if video_of is not None:
+        result["test_video"] = video_metrics_from_predictions(output_dir / PREDICTION_FILES["test"], video_of,
+                                                              images.classes)
     result["train_size"] = len(images.rows("train"))
     result["train_class_counts"] = dict(zip(images.classes, images.class_counts().tolist(), strict=True))
-    result["best_checkpoint"] = best
     return result
+
+
+def _hog_baseline(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """init=hog: logistic regression on HOG features through the same data, files and metrics."""
+    images, probs = hog.fit_and_predict(cfg, output_dir)
+    return {**_write_outputs(images, probs, output_dir), "features": "hog"}
 
 
 def run_finetune(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
@@ -118,7 +144,8 @@ def run_finetune(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"status": "failed", "grid": grid_point(cfg), "config_key": config_key(cfg)}
     try:
-        result.update(_train_and_evaluate(cfg, output_dir))
+        evaluate = _hog_baseline if cfg.init.name == "hog" else _train_and_evaluate
+        result.update(evaluate(cfg, output_dir))
     except Exception as err:
         result["error"] = f"{type(err).__name__}: {err}"
         save_json(result, output_dir / METRICS_FILE)

@@ -45,9 +45,19 @@ class SSLMethod(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss = self.loss(batch)
         n = batch["view1"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        # Mean over ranks: with equal per-rank batches this is the loss of the global batch.
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=n)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
         return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.after_optimizer_step(step=self.global_step)
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Updates that belong to optimiser step ``step`` (0-based): EMA targets, queues. Done here, not in
+        on_train_batch_end, because Lightning saves step checkpoints in the callbacks' on_train_batch_end, which
+        runs before the module's: state updated later would be missing from that checkpoint on resume."""
 
     def validation_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss = self.loss(batch)

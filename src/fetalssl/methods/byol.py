@@ -16,7 +16,7 @@ class BYOL(SSLMethod):
     """Online = backbone -> projector -> predictor; target = EMA of backbone -> projector.
 
     tau goes from ``tau_base`` to ``tau_final`` on a cosine schedule over the optimiser steps. The target is
-    updated only in ``on_train_batch_end`` (never during validation).
+    updated only after optimiser steps (never during validation).
     """
 
     def __init__(self, backbone: nn.Module, projector: Callable[..., nn.Module],
@@ -41,9 +41,8 @@ class BYOL(SSLMethod):
         # Symmetrised: each view's prediction regresses the other view's target projection.
         return byol_loss(self.online(x1), self.target(x2)) + byol_loss(self.online(x2), self.target(x1))
 
-    def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
-        # global_step already counts the optimiser step just taken; the schedule is indexed from 0.
-        tau = cosine_tau(max(self.global_step - 1, 0), self.total_steps, self.tau_base, self.tau_final)
+    def after_optimizer_step(self, step: int) -> None:
+        tau = cosine_tau(step, self.total_steps, self.tau_base, self.tau_final)
         ema_update(self.target_backbone, self.backbone, tau)
         ema_update(self.target_projector, self.projector, tau)
-        self.log("tau", tau, batch_size=batch["view1"].shape[0])
+        self.log("tau", tau)

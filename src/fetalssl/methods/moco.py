@@ -54,9 +54,8 @@ class MoCo(SSLMethod):
         self.queue[idx] = keys
         self.queue_ptr.copy_((self.queue_ptr + len(keys)) % len(self.queue))
 
-    def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
-        # global_step already counts the optimiser step just taken; the schedule is indexed from 0.
-        tau = cosine_tau(max(self.global_step - 1, 0), self.total_steps, self.tau_base, self.tau_final)
+    def after_optimizer_step(self, step: int) -> None:
+        tau = cosine_tau(step, self.total_steps, self.tau_base, self.tau_final)
         ema_update(self.key_backbone, self.backbone, tau)
         ema_update(self.key_projector, self.projector, tau)
         # Every rank enqueues the keys of the global batch, so the queue stays identical across ranks.

@@ -1,0 +1,161 @@
+"""Benchmark pretraining throughput: a fetalssl method's Lightning training step vs a minimal hand-written PyTorch
+loop (same backbone, projector, loss, optimiser, batch and precision), and the real frame-pair loader vs
+pre-made in-memory batches. Each mode runs in its own subprocess so its peak RSS (getrusage) is its own.
+
+    .venv/bin/python scripts/bench/training.py experiment=pocus paths.output_root=/tmp/bench \\
+        'method.projector.hidden_dims=[1024,1024]' method.projector.out_dim=1024 --steps 12 --warmup 3
+    # GPU (see gpu_barlowtwins.py): trainer=gpu backbone=resnet50 data.image_size=224 channels_last=true
+
+Modes: handwritten (plain loop on in-memory batches), lightning_memory (Trainer.fit of the method on the same
+in-memory batches), lightning_loader (Trainer.fit with the configured VideoFramePairDataModule). Printed:
+pairs/s and images/s (2 views per pair) over the steps after `--warmup`, peak RSS, and the two ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader
+
+from fetalssl.models.optim import parameter_groups, scaled_lr, warmup_cosine
+
+MODES = ("handwritten", "lightning_memory", "lightning_loader")
+
+
+class StepTimer(L.Callback):
+    """Wall time from the end of step `warmup` to the end of the last step (what a user waits for)."""
+
+    def __init__(self, warmup: int, device: str):
+        self.warmup, self.device, self.start, self.end = warmup, device, None, None
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.warmup:
+            self._sync()
+            self.start = time.perf_counter()
+        self._sync()
+        self.end = time.perf_counter()
+
+
+def memory_batches(cfg, n: int) -> list[dict[str, torch.Tensor]]:
+    shape = (cfg.data.batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    generator = torch.Generator().manual_seed(0)
+    return [{"view1": torch.randn(shape, generator=generator), "view2": torch.randn(shape, generator=generator)}
+            for _ in range(n)]
+
+
+def build_method(cfg):
+    backbone = instantiate(cfg.backbone)
+    if cfg.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    return instantiate(cfg.method, backbone=backbone)
+
+
+def run_handwritten(cfg, steps: int, warmup: int) -> float:
+    """The whole training step written out: forward both views, loss, backward, optimiser + LR schedule."""
+    device = "cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu"
+    method = build_method(cfg).to(device).train()
+    lr = scaled_lr(cfg.method.base_lr, cfg.data.batch_size, 1, 1)
+    optimizer = method.optimizer_factory(parameter_groups([method]), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, 0, steps))
+    autocast = (torch.autocast(device, dtype=torch.bfloat16) if cfg.trainer.precision == "bf16-mixed"
+                else contextlib.nullcontext())
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    start = None
+    for step, batch in enumerate(memory_batches(cfg, steps)):
+        batch = {k: v.to(device, memory_format=memory_format, non_blocking=True) for k, v in batch.items()}
+        with autocast:
+            loss = method.loss(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        method.after_optimizer_step(step)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if step == warmup - 1:
+            start = time.perf_counter()
+    return time.perf_counter() - start
+
+
+def run_lightning(cfg, steps: int, warmup: int, real_loader: bool) -> float:
+    method = build_method(cfg)
+    timer = StepTimer(warmup, "cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")
+    trainer = instantiate(cfg.trainer, max_epochs=None, max_steps=steps, logger=False, callbacks=[timer],
+                          enable_checkpointing=False, limit_val_batches=0, enable_model_summary=False)
+    if real_loader:
+        datamodule = instantiate(cfg.data, pair_sampler=instantiate(cfg.pairs), views=instantiate(cfg.augment))
+        trainer.fit(method, datamodule=datamodule)
+    else:
+        trainer.fit(method, train_dataloaders=DataLoader(memory_batches(cfg, steps), batch_size=None))
+    if trainer.global_step != steps:
+        raise RuntimeError(f"ran {trainer.global_step} steps, not {steps}: give the loader more samples per epoch")
+    return timer.end - timer.start
+
+
+def measure(mode: str, overrides: list[str], steps: int, warmup: int) -> dict:
+    with initialize_config_module("fetalssl.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, "paths.output_dir=/tmp/fetalssl_bench_unused"])
+    L.seed_everything(0)
+    if mode == "handwritten":
+        seconds = run_handwritten(cfg, steps, warmup)
+    else:
+        seconds = run_lightning(cfg, steps, warmup, real_loader=mode == "lightning_loader")
+    pairs = (steps - warmup) * cfg.data.batch_size
+    return {"mode": mode, "pairs_per_s": pairs / seconds, "images_per_s": 2 * pairs / seconds,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "batch_size": cfg.data.batch_size, "image_size": cfg.data.image_size, "backbone": cfg.backbone.name,
+            "precision": cfg.trainer.precision, "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train.yaml")
+    parser.add_argument("--steps", type=int, default=12, help="optimiser steps per mode")
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)  # child process: one mode, JSON out
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.one:
+        print(json.dumps(measure(args.one, args.overrides, args.steps, args.warmup)))
+        return
+    results = {}
+    for mode in args.modes:
+        child = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args.overrides, "--one", mode,
+                                "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                               capture_output=True, text=True)
+        if child.returncode != 0:
+            raise SystemExit(f"{mode} failed:\n{child.stderr[-3000:]}")
+        results[mode] = json.loads(child.stdout.strip().splitlines()[-1])
+        r = results[mode]
+        print(f"{mode:<18} {r['pairs_per_s']:8.2f} pairs/s {r['images_per_s']:8.2f} images/s  "
+              f"peak RSS {r['peak_rss_mib']:7.0f} MiB", flush=True)
+    first = next(iter(results.values()))
+    print(f"({first['backbone']}, {first['image_size']} px, batch {first['batch_size']}, {first['precision']}, "
+          f"{first['threads']} torch threads, {args.steps - args.warmup} timed steps after {args.warmup})")
+    if {"handwritten", "lightning_memory"} <= results.keys():
+        ratio = results["lightning_memory"]["pairs_per_s"] / results["handwritten"]["pairs_per_s"]
+        print(f"training step: fetalssl/Lightning = {ratio:.3f} x hand-written loop (target >= 0.95)")
+    if {"lightning_memory", "lightning_loader"} <= results.keys():
+        ratio = results["lightning_loader"]["pairs_per_s"] / results["lightning_memory"]["pairs_per_s"]
+        print(f"loader vs model: real loader = {ratio:.3f} x in-memory batches (target >= 0.90)")
+
+
+if __name__ == "__main__":
+    main()

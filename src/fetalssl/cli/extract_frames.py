@@ -1,0 +1,25 @@
+"""fetalssl-extract-frames: patient split, pretraining manifest and strided labelled frames from a video manifest.
+
+    fetalssl-extract-frames                                   # POCUS: ${paths.pocus}/manifest.csv
+    fetalssl-extract-frames manifest=my/videos.csv out_dir=my/prepared stride=5
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from fetalssl.data.frames import extract_frames
+
+
+@hydra.main(config_path="../conf", config_name="extract_frames", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    summary = extract_frames(cfg.manifest, cfg.out_dir, stride=cfg.stride,
+                             max_frames_per_video=cfg.max_frames_per_video, short_side=cfg.short_side,
+                             val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.split_seed,
+                             subsets=OmegaConf.to_container(cfg.subsets))
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()

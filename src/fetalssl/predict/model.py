@@ -1,0 +1,136 @@
+"""What a plane classifier needs besides its weights: the class list and the exact eval preprocessing.
+
+The same `ModelMeta` travels with every exported model (TorchScript extra file, ONNX metadata_props, sidecar
+JSON), so any backend preprocesses frames identically to the fine-tuning evaluation:
+grayscale uint8 -> short side resized to `image_size` -> centre crop -> [0, 1] -> (x - mean) / std ->
+replicated to `channels`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from fetalssl.data.transforms import to_normalised_tensor
+from fetalssl.finetune.init import build_backbone
+
+log = logging.getLogger(__name__)
+
+META_FORMAT = 1
+RESIZE_SHORT_SIDE_CENTRE_CROP = "short_side_resize_then_centre_crop"
+RUN_CONFIG = Path(".hydra") / "config.yaml"
+RUN_CHECKPOINT = Path("checkpoints") / "best.ckpt"
+# The eval transform of conf/data/labelled.yaml, the only one exported models describe.
+SUPPORTED_EVAL_TRANSFORM = ["albumentations.SmallestMaxSize", "albumentations.CenterCrop"]
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    classes: list[str]
+    image_size: int
+    channels: int
+    mean: float
+    std: float
+    resize: str = RESIZE_SHORT_SIDE_CENTRE_CROP
+    input_layout: str = "NCHW float32"
+    output: str = "softmax probabilities (N, len(classes))"
+    format: int = META_FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> ModelMeta:
+        try:
+            fields = json.loads(text)
+            meta = cls(**fields)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{source}: malformed fetalssl model metadata ({e})") from e
+        if meta.format != META_FORMAT or meta.resize != RESIZE_SHORT_SIDE_CENTRE_CROP:
+            raise ValueError(f"{source}: unsupported metadata format={meta.format} resize={meta.resize!r}")
+        return meta
+
+    def eval_transform(self) -> A.Compose:
+        return A.Compose([A.SmallestMaxSize(max_size=self.image_size),
+                          A.CenterCrop(height=self.image_size, width=self.image_size)])
+
+    def preprocess(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 (T, H, W) grayscale frames -> float32 (T, channels, image_size, image_size)."""
+        if frames.ndim != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"expected uint8 grayscale frames (T, H, W), got {frames.dtype} {frames.shape}")
+        transform = self.eval_transform()
+        out = np.empty((len(frames), self.channels, self.image_size, self.image_size), np.float32)
+        for i, frame in enumerate(frames):
+            # Same call as LabelledImageDataset: normalise the single channel, then replicate it.
+            out[i] = to_normalised_tensor(transform(image=frame)["image"][..., None], self.mean, self.std).numpy()
+        return out
+
+
+def check_eval_transform(data_cfg: DictConfig, source: Path) -> None:
+    """Exported models describe only the default eval transform; anything else is refused, not approximated."""
+    transforms = data_cfg.eval_transform.transforms
+    targets = [t["_target_"] for t in transforms]
+    sizes_match = (transforms[0].get("max_size") == data_cfg.image_size
+                   and transforms[1].get("height") == transforms[1].get("width") == data_cfg.image_size
+                   ) if targets == SUPPORTED_EVAL_TRANSFORM else False
+    if not sizes_match:
+        raise ValueError(f"{source}: data.eval_transform {targets} is not {SUPPORTED_EVAL_TRANSFORM} at "
+                         f"image_size={data_cfg.image_size}; the plane finder only reproduces that one")
+
+
+def meta_from_run_config(cfg: DictConfig, source: Path) -> ModelMeta:
+    check_eval_transform(cfg.data, source)
+    return ModelMeta(classes=list(cfg.data.classes), image_size=int(cfg.data.image_size),
+                     channels=int(cfg.data.channels), mean=float(cfg.data.mean), std=float(cfg.data.std))
+
+
+class ProbabilityModel(nn.Module):
+    """Backbone -> linear head -> softmax: the fine-tuned PlaneClassifier at inference, without Lightning."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x)).softmax(dim=1)
+
+
+def load_run(run_dir: str | Path) -> tuple[ProbabilityModel, ModelMeta]:
+    """The best checkpoint of a fine-tune run dir (.hydra/config.yaml + checkpoints/best.ckpt), in eval mode."""
+    run_dir = Path(run_dir)
+    for required in (RUN_CONFIG, RUN_CHECKPOINT):
+        if not (run_dir / required).is_file():
+            raise FileNotFoundError(f"{run_dir} is not a fine-tune run dir: {required} is missing")
+    cfg = OmegaConf.load(run_dir / RUN_CONFIG)
+    meta = meta_from_run_config(cfg, run_dir)
+    state = torch.load(run_dir / RUN_CHECKPOINT, map_location="cpu", weights_only=True)["state_dict"]
+    has_backbone = any(k.startswith("backbone.") for k in state)
+    if has_backbone:
+        backbone = instantiate(cfg.backbone, pretrained_path=None)  # weights come from the checkpoint
+    elif cfg.init.name == "random":
+        raise ValueError(f"{run_dir}: the checkpoint holds only the head (cached-feature linear probe) and the "
+                         f"random-init backbone it was trained on cannot be rebuilt")
+    else:  # cached-feature linear probe: the frozen backbone is exactly the init weights
+        log.info("%s: head-only checkpoint; backbone from init=%s", run_dir, cfg.init.name)
+        backbone = build_backbone(cfg.backbone, cfg.init)
+    head = nn.Linear(backbone.num_features, len(meta.classes))
+    model = ProbabilityModel(backbone, head)
+    # Lightning prefixes match ProbabilityModel's attribute names; metric states and class weights are dropped.
+    target, prefix = (model, "") if has_backbone else (head, "head.")
+    wanted = {k[len(prefix):]: v for k, v in state.items()
+              if k.startswith(prefix or ("backbone.", "head."))}
+    try:
+        target.load_state_dict(wanted, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{run_dir / RUN_CHECKPOINT} does not fit cfg.backbone={cfg.backbone.name}: {e}") from e
+    return model.eval(), meta

@@ -1,0 +1,72 @@
+"""The console scripts end to end, as a user runs them: pretrain, prepare, fine-tune sweeps that resume."""
+
+import json
+
+import timm
+import torch
+
+from conftest import run_cli
+
+TINY_PRETRAIN = ["experiment=demo", "data.image_size=32", "data.short_side=40", "data.batch_size=8",
+                 "data.samples_per_video=8", "data.num_workers=0", "method.projector.hidden_dims=[32]",
+                 "method.projector.out_dim=32", "trainer.max_epochs=1", "probe=none"]
+TINY_FINETUNE = ["experiment=demo_finetune", "data.image_size=32", "trainer.max_epochs=2",
+                 "finetune_mode=linear", "finetune_mode.cache_features=true"]
+
+
+def test_pretraining_writes_checkpoints_and_a_strict_timm_backbone(tiny_demo_data, tmp_path):
+    run_cli("fetalssl-train", *TINY_PRETRAIN, f"data.root={tiny_demo_data}", f"paths.output_root={tmp_path}",
+            "run_id=r", f"data.cache_dir={tmp_path / 'cache'}")
+    run_dir = tmp_path / "pretrain" / "barlowtwins" / "r"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "checkpoints").glob("best-*.ckpt"))
+    model = timm.create_model("resnet18", num_classes=0, pretrained=False)
+    model.load_state_dict(torch.load(run_dir / "backbone.pt"), strict=True)
+
+
+def test_prepare_builds_the_cache_once(tiny_demo_data, tmp_path):
+    args = [f"data.root={tiny_demo_data}", f"data.cache_dir={tmp_path / 'cache'}", "data.short_side=40",
+            f"paths.output_root={tmp_path}"]
+    first = run_cli("fetalssl-prepare", *args).stdout
+    second = run_cli("fetalssl-prepare", *args).stdout
+    assert "2 decoded" in first and "0 skipped" in first
+    assert "0 decoded, 2 reused" in second
+
+
+def test_sweep_survives_a_failing_point_and_a_rerun_skips_finished_ones(tiny_demo_data, tmp_path):
+    sweep = [*TINY_FINETUNE, f"data.root={tiny_demo_data}", f"paths.output_root={tmp_path}", "run_id=s",
+             "init=random,ssl_barlowtwins", "data_fraction=pct10,pct100"]  # no pretraining run: ssl points fail
+    run_cli("fetalssl-finetune", "-m", *sweep)
+    runs = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "finetune_sweep" / "s").glob("*/metrics.json")}
+    assert len(runs) == 4
+    status = {name: r["status"] for name, r in runs.items()}
+    assert sorted(status.values()) == ["failed", "failed", "ok", "ok"]
+    assert all(("init=ssl" in name) == (s == "failed") for name, s in status.items())
+    assert all("is not a directory" in r["error"] for r in runs.values() if r["status"] == "failed")
+
+    done = {p: p.stat().st_mtime_ns for p in (tmp_path / "finetune_sweep" / "s").glob("*/metrics.json")
+            if "init=random" in p.parent.name}
+    rerun = run_cli("fetalssl-finetune", "-m", *sweep)
+    assert rerun.stderr.count("completed with this config already") + rerun.stdout.count(
+        "completed with this config already") == 2
+    assert {p: p.stat().st_mtime_ns for p in done} == done
+
+    report = run_cli("fetalssl-report", tmp_path / "finetune_sweep" / "s", check=False)
+    assert "failed" in report.stdout.lower() and "random" in report.stdout
+
+
+def test_training_subset_matches_the_requested_fraction(tiny_demo_data, tmp_path):
+    run_cli("fetalssl-finetune", *TINY_FINETUNE, f"data.root={tiny_demo_data}", f"paths.output_root={tmp_path}",
+            "run_id=f", "data_fraction=pct25")
+    run_dir = tmp_path / "finetune" / "random" / "f"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    subset = (run_dir / "train_subset.csv").read_text().splitlines()[1:]
+    assert metrics["grid"]["fraction"] == 0.25 and len(subset) == metrics["train_size"]
+    per_class = metrics["train_class_counts"]
+    assert all(n >= 1 for n in per_class.values())
+    full = run_cli("fetalssl-finetune", *TINY_FINETUNE, f"data.root={tiny_demo_data}",
+                   f"paths.output_root={tmp_path}", "run_id=g", "data_fraction=pct100", "trainer.max_epochs=1")
+    assert full.returncode == 0
+    full_counts = json.loads((tmp_path / "finetune" / "random" / "g" / "metrics.json").read_text())["train_class_counts"]
+    for label, n in per_class.items():
+        assert n == max(1, int(0.25 * full_counts[label] + 0.5))

@@ -1,0 +1,62 @@
+"""Every config choice composes and resolves; the paper's grid has the paper's 540 points."""
+
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import fetalssl
+
+CONF = Path(fetalssl.__file__).parent / "conf"
+RESOLVED_NODES = {"train": ("data", "pairs", "augment", "backbone", "method", "trainer"),
+                  "finetune": ("data", "backbone", "init", "finetune_mode", "trainer", "classifier")}
+
+
+def choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def composed(config: str, overrides: list[str]):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose(config, overrides=["paths.imagenet_weights=/weights.pth", "paths.output_dir=/out", *overrides])
+    for node in RESOLVED_NODES[config]:
+        OmegaConf.to_container(cfg[node], resolve=True)  # raises on a dangling interpolation or missing value
+    return cfg
+
+
+@pytest.mark.parametrize("group", ["method", "backbone", "augment", "pairs", "trainer", "logger", "probe",
+                                   "launcher"])
+def test_every_pretraining_choice_composes(group):
+    for choice in choices(group):
+        composed("train", [f"{group}={choice}", "data.root=/data"])
+
+
+@pytest.mark.parametrize("group", ["init", "finetune_mode", "data_fraction", "backbone", "trainer"])
+def test_every_finetuning_choice_composes(group):
+    for choice in choices(group):
+        composed("finetune", [f"{group}={choice}", "data.root=/data"])
+
+
+@pytest.mark.parametrize("config, experiment", [("train", "demo"), ("finetune", "demo_finetune"),
+                                                ("finetune", "paper_grid")])
+def test_experiments_compose(config, experiment):
+    composed(config, [f"experiment={experiment}", "data.root=/data"])
+
+
+def test_paper_grid_is_the_papers_540_runs_with_one_label_per_init():
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("finetune", overrides=["experiment=paper_grid"], return_hydra_config=True)
+    params = {k: v.split(",") for k, v in cfg.hydra.sweeper.params.items()}
+    assert len(list(itertools.product(*params.values()))) == 540
+    assert cfg.backbone.name == "resnet50" and cfg.data.image_size == 224
+    labels = set()
+    for init in params["init"]:
+        c = composed("finetune", ["experiment=paper_grid", f"init={init}", "data.root=/data"])
+        labels.add((c.init.name, c.init.get("method")))
+    assert len(labels) == 9
+    assert {m for name, m in labels if name == "ssl"} == {
+        "autoencoder", "inpainting", "simclr", "moco", "byol", "barlowtwins", "vicreg"}
+    assert [c for c in choices("data_fraction")] and {float(composed("finetune", [f"data_fraction={f}",
+        "data.root=/d"]).data.fraction) for f in params["data_fraction"]} == {0.01, 0.05, 0.1, 0.25, 0.5, 1.0}

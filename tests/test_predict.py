@@ -1,0 +1,221 @@
+"""Plane finder: smoothing, abstention, best frames, atomic per-input outputs and the planes it finds."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from fetalssl.cli import predict as predict_cli
+from fetalssl.data.synthetic import (
+    PLANES,
+    generate_demo_data,
+    render_sweep,
+    sample_patient_anatomy,
+    write_video,
+)
+from fetalssl.finetune.classifier import PlaneClassifier
+from fetalssl.predict.model import RUN_CHECKPOINT, RUN_CONFIG, load_run
+from fetalssl.predict.predictor import load_predictor
+from fetalssl.predict.scan import SUMMARY_FILE, FinderSettings, output_folder, run_finder
+from fetalssl.predict.timeline import OTHER, best_frames, frame_labels, smooth
+
+CONF = Path(__file__).resolve().parents[1] / "src" / "fetalssl" / "conf"
+SETTINGS = FinderSettings(batch_size=8, smooth_window=3, abstain_threshold=None, truth_suffix=".csv")
+
+
+def make_run_dir(root: Path, image_size: int = 32, seed: int = 0) -> Path:
+    """A fine-tune run dir (config + best.ckpt) holding an untrained resnet18 with a sharpened head and
+    non-trivial BatchNorm statistics, so probabilities are far from uniform without any training."""
+    cfg = OmegaConf.create({"data": OmegaConf.load(CONF / "data" / "labelled.yaml"),
+                            "backbone": OmegaConf.load(CONF / "backbone" / "resnet18.yaml"),
+                            "init": OmegaConf.load(CONF / "init" / "random.yaml")})
+    cfg.data.update(root="unused", image_size=image_size)
+    torch.manual_seed(seed)
+    backbone = instantiate(cfg.backbone)
+    model = PlaneClassifier(backbone, backbone.num_features, list(cfg.data.classes), "all", 1e-3, 1e-3, 0.0,
+                            0.0, 0.0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+        model.head.weight.mul_(40)
+    run = root / "run"
+    (run / RUN_CHECKPOINT).parent.mkdir(parents=True)
+    (run / RUN_CONFIG).parent.mkdir(parents=True)
+    torch.save({"state_dict": model.state_dict()}, run / RUN_CHECKPOINT)
+    OmegaConf.save(cfg, run / RUN_CONFIG)
+    return run
+
+
+def write_sweep(path: Path, n_frames: int = 24, size: int = 48, seed: int = 0) -> list[str]:
+    """A synthetic cine (+ its frame,plane CSV, as the demo data has) -> the true plane per frame."""
+    rng = np.random.default_rng(seed)
+    frames, labels = render_sweep(sample_patient_anatomy(rng), n_frames=n_frames, size=size, fps=10, rng=rng)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_video(path, frames, fps=10)
+    path.with_suffix(".csv").write_text("frame,plane\n" + "".join(f"{i},{p}\n" for i, p in enumerate(labels)))
+    return labels
+
+
+def files_under(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")}
+
+
+# ---- timeline maths --------------------------------------------------------------------------------------
+def test_smoothing_is_a_centred_mean_with_truncated_windows_at_the_ends():
+    p = np.zeros((5, 2), np.float32)
+    p[:, 1] = 1.0
+    p[2] = [1.0, 0.0]
+    s = smooth(p, 3)
+    np.testing.assert_allclose(s[:, 0], [0, 1 / 3, 1 / 3, 1 / 3, 0], atol=1e-6)
+    np.testing.assert_allclose(s.sum(axis=1), 1.0, atol=1e-6)  # still a distribution per frame
+    edge = smooth(np.array([[1.0], [0.0], [0.0]], np.float32), 3)
+    np.testing.assert_allclose(edge[:, 0], [0.5, 1 / 3, 0.0], atol=1e-6)  # mean of the frames that exist
+    np.testing.assert_array_equal(smooth(p, 1), p)
+    with pytest.raises(ValueError, match="odd"):
+        smooth(p, 4)
+
+
+def test_abstention_labels_unsure_frames_other_and_best_frames_peak_per_plane():
+    classes = ["A", "B"]
+    p = np.array([[0.9, 0.1], [0.55, 0.45], [0.2, 0.8], [0.3, 0.7]], np.float32)
+    assert frame_labels(p, classes, None) == ["A", "A", "B", "B"]
+    assert frame_labels(p, classes, 0.6) == ["A", OTHER, "B", "B"]
+    chosen = best_frames(p, classes, 0.85)
+    assert [(b.plane, b.frame, b.found) for b in chosen] == [("A", 0, True), ("B", 2, False)]
+    assert chosen[1].score == pytest.approx(0.8)
+    assert all(type(b.found) is bool for b in chosen)  # goes into scan.json
+
+
+# ---- outputs -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_run_dir(tmp_path_factory.mktemp("model"))
+
+
+def test_checkpoint_predictor_matches_the_lightning_classifier(run_dir):
+    model, meta = load_run(run_dir)
+    state = torch.load(run_dir / RUN_CHECKPOINT, weights_only=True)["state_dict"]
+    classifier = PlaneClassifier(instantiate(OmegaConf.load(run_dir / RUN_CONFIG).backbone, in_chans=3), 512,
+                                 meta.classes, "all", 1e-3, 1e-3, 0.0, 0.0, 0.0)
+    classifier.load_state_dict(state)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = classifier.eval()(x).softmax(1)
+    np.testing.assert_allclose(model(x).detach().numpy(), expected.numpy(), atol=1e-6)
+    assert meta.classes == list(PLANES) and (meta.image_size, meta.channels) == (32, 3)
+
+
+def test_folder_run_writes_every_output_and_reports_a_corrupt_file_without_partial_outputs(run_dir, tmp_path):
+    videos = tmp_path / "videos"
+    truth = write_sweep(videos / "P1" / "scan00.mp4")
+    (videos / "P2").mkdir()
+    (videos / "P2" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    out = tmp_path / "out"
+    results = run_finder(videos, out, load_predictor(run_dir), SETTINGS)
+
+    by_name = {Path(r["input"]).name: r for r in results}
+    assert by_name["broken.mp4"]["status"] == "failed" and "broken.mp4" in by_name["broken.mp4"]["error"]
+    assert by_name["scan00.mp4"]["status"] == "ok"
+    assert not (out / "P2").exists()  # nothing at all for the bad input, not even its folder
+    assert not [p for p in out.rglob(".*")]  # no staging leftovers
+    assert json.loads((out / SUMMARY_FILE).read_text())["results"] == results
+
+    folder = output_folder(videos / "P1" / "scan00.mp4", videos, out)
+    assert folder == out / "P1" / "scan00_mp4"
+    with (folder / "frames.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["frame"]) for r in rows] == list(range(len(truth)))
+    assert float(rows[1]["time_s"]) == pytest.approx(0.1)
+    assert [r["true_plane"] for r in rows] == truth
+    smoothed = np.array([[float(r[f"prob_{c}"]) for c in PLANES] for r in rows])
+    np.testing.assert_allclose(smoothed.sum(axis=1), 1.0, atol=1e-4)
+    assert [r["predicted"] for r in rows] == [PLANES[i] for i in smoothed.argmax(axis=1)]
+    with (folder / "best_frames.csv").open() as f:
+        best = list(csv.DictReader(f))
+    assert [b["plane"] for b in best] == list(PLANES)
+    for b in best:
+        k = PLANES.index(b["plane"])
+        assert smoothed[int(b["frame"]), k] == pytest.approx(smoothed[:, k].max(), abs=1e-6)
+        assert float(b["score"]) == pytest.approx(smoothed[:, k].max(), abs=1e-6)
+        assert (folder / b["file"]).is_file() and f"_f{int(b['frame']):05d}_" in b["file"]
+    assert (folder / "timeline.png").stat().st_size > 10_000
+    scan = json.loads((folder / "scan.json").read_text())
+    on_plane = [i for i, t in enumerate(truth) if t in PLANES]
+    expected = np.mean([rows[i]["predicted"] == truth[i] for i in on_plane])
+    assert scan["truth"]["accuracy_on_plane"] == pytest.approx(expected)
+    assert scan["truth"]["frames_off_plane"] == len(truth) - len(on_plane)
+
+
+def test_cli_single_corrupt_input_exits_1_naming_the_file_and_leaves_no_outputs(run_dir, tmp_path, monkeypatch):
+    bad = tmp_path / "scan.avi"
+    bad.write_bytes(b"RIFF" + b"\x13" * 500)
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["fetalssl-predict", f"model={run_dir}", f"input={bad}", f"out_dir={out}"])
+    with pytest.raises(SystemExit) as exit_info:
+        predict_cli.main()
+    assert exit_info.value.code == 1
+    assert sorted(files_under(out)) == ["predict.log", SUMMARY_FILE]  # the run's report, nothing for the input
+    assert f"FAILED {bad}: VideoReadError" in (out / "predict.log").read_text()
+    [result] = json.loads((out / SUMMARY_FILE).read_text())["results"]
+    assert result["status"] == "failed" and str(bad) in result["error"]
+
+
+def test_cli_rejects_a_model_that_is_neither_run_dir_nor_exported_file(tmp_path, monkeypatch):
+    video = tmp_path / "v.mp4"
+    write_sweep(video, n_frames=23, size=32)
+    model = tmp_path / "weights.bin"
+    model.write_bytes(b"x")
+    monkeypatch.setattr(sys, "argv", ["fetalssl-predict", f"model={model}", f"input={video}",
+                                      f"out_dir={tmp_path / 'out'}"])
+    with pytest.raises(SystemExit) as exit_info:
+        predict_cli.main()
+    assert exit_info.value.code == 2
+
+
+# ---- acceptance: the planes it finds after fine-tuning on demo stills -------------------------------------
+def finetune_cfg_64px(root: Path, max_epochs: int):
+    """The package YAMLs with a small-data setting: full fine-tuning of resnet18 at 64 px."""
+    cfg = OmegaConf.create({
+        "seed": 0,
+        "data": OmegaConf.load(CONF / "data" / "labelled.yaml"),
+        "backbone": OmegaConf.load(CONF / "backbone" / "resnet18.yaml"),
+        "init": OmegaConf.load(CONF / "init" / "random.yaml"),
+        "finetune_mode": OmegaConf.load(CONF / "finetune_mode" / "full.yaml"),
+        "classifier": {"class_weighted": True, "weight_decay": 0.01, "warmup_fraction": 0.05},
+        "monitor": "val/balanced_accuracy", "monitor_mode": "max",
+        "trainer": {"_target_": "lightning.Trainer", "accelerator": "cpu", "devices": 1, "max_epochs": max_epochs,
+                    "logger": False, "enable_progress_bar": False, "enable_model_summary": False},
+    })
+    cfg.data.update(root=str(root), image_size=64, num_workers=0, batch_size=32, val_fraction=0.2,
+                    test_fraction=0.2)
+    cfg.finetune_mode.update(head_lr=3e-3, backbone_lr=1e-3)
+    return cfg
+
+
+@pytest.mark.slow
+def test_best_frame_of_each_plane_lies_in_its_true_segment_after_finetuning_on_demo_stills(tmp_path):
+    from fetalssl.finetune.run import run_finetune
+
+    data = tmp_path / "demo"
+    generate_demo_data(data, video_patients=2, videos_per_patient=1, frames=60, size=64, fps=10,
+                       still_patients=12, stills=150, still_size=64, overlap=0, seed=0, avi_every=0)
+    run = tmp_path / "run"
+    cfg = finetune_cfg_64px(data, max_epochs=8)
+    run_finetune(cfg, run)
+    (run / RUN_CONFIG).parent.mkdir()
+    OmegaConf.save(cfg, run / RUN_CONFIG)  # what Hydra writes for fetalssl-finetune
+
+    results = run_finder(data / "videos", tmp_path / "out", load_predictor(run),
+                         FinderSettings(batch_size=32, smooth_window=5, abstain_threshold=None, truth_suffix=".csv"))
+    assert len(results) == 2 and all(r["status"] == "ok" for r in results)
+    for result in results:
+        inside = result["truth"]["best_frame_in_true_segment"]
+        assert sum(inside.values()) >= 4, (result["input"], inside)
