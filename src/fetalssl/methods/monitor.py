@@ -70,6 +70,13 @@ class LinearProbeMonitor(L.Callback):
             self._data[split] = source() if callable(source) else source
         return self._data[split]
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The reference point every later probe is read against: the same probe on the initial weights.
+        if trainer.global_step == 0:
+            metrics = self.evaluate(pl_module.backbone, pl_module.device)
+            if trainer.logger is not None and trainer.is_global_zero:
+                trainer.logger.log_metrics({f"{k}_initial": v for k, v in metrics.items()}, step=0)
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs != 0:
             return
