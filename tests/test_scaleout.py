@@ -11,7 +11,8 @@ from submitit.slurm.slurm import _make_sbatch_string
 from torch.utils.data import Dataset
 
 from fetalssl.cli.common import resolve_ckpt_path
-from fetalssl.data.pretrain import EpochSampler, ResumableDataLoader
+from fetalssl.data.pretrain import EpochSampler, ResumableDataLoader, interleaved_shard
+from fetalssl.loggers import AppendingCSVLogger
 
 
 class _Indices(Dataset):
@@ -39,13 +40,13 @@ def test_resumed_loader_continues_the_epoch_where_it_stopped_without_loading_ski
     full.sampler.set_epoch(2)
     it = iter(full)
     head = [next(it) for _ in range(3)]
-    state = full.state_dict()
+    state = full.progress()
     tail = list(it)
     assert state == {"epoch": 2, "batches": 3} and len(full) == 7 and len(head) + len(tail) == 7
 
     ds2 = _Indices(30)
     resumed = _loader(ds2)
-    resumed.load_state_dict(state)
+    resumed.resume(state)
     it2 = iter(resumed)  # Lightning creates the iterator before set_epoch on resume: iteration must start lazily
     resumed.sampler.set_epoch(2)
     rest = list(it2)
@@ -54,6 +55,33 @@ def test_resumed_loader_continues_the_epoch_where_it_stopped_without_loading_ski
     # the next epoch starts from its beginning
     resumed.sampler.set_epoch(3)
     assert len(list(resumed)) == 7
+
+
+def test_two_shards_of_batch_b_hold_the_samples_of_one_batch_2b():
+    one = list(_loader(_Indices(30)))  # batch 4
+    two = _Indices(30)
+    shards = [ResumableDataLoader(dataset=two, batch_size=2, drop_last=True,
+                                  sampler=interleaved_shard(EpochSampler(two, True, seed=3), num_replicas=2, rank=r))
+              for r in range(2)]
+    for shard in shards:
+        shard.sampler.set_epoch(0)
+    steps = list(zip(*shards, strict=True))
+    assert len(steps) == len(one) == 7
+    for step, single in zip(steps, one, strict=True):
+        assert sorted(torch.cat([b[1] for b in step]).tolist()) == sorted(single[1].tolist())
+
+
+def test_resumed_run_appends_to_the_metrics_file(tmp_path):
+    first = AppendingCSVLogger(tmp_path, name="logs", version="")
+    first.log_metrics({"train/loss": 1.0}, step=0)
+    first.log_metrics({"val/loss": 2.0}, step=1)
+    first.save()
+    resumed = AppendingCSVLogger(tmp_path, name="logs", version="")  # Lightning's CSVLogger would delete the file
+    resumed.log_metrics({"train/loss": 3.0}, step=2)
+    resumed.log_metrics({"lr": 0.1}, step=2)  # a new column: the file is rewritten with it
+    resumed.save()
+    rows = (tmp_path / "logs" / "metrics.csv").read_text().splitlines()
+    assert rows == ["lr,step,train/loss,val/loss", ",0,1.0,", ",1,,2.0", ",2,3.0,", "0.1,2,,"]
 
 
 def test_resume_takes_the_newest_checkpoint_in_the_run_dir(tmp_path):

@@ -59,6 +59,8 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(metho
     run = ["trainer.max_epochs=2", "data.batch_size=4", "data.num_workers=1", "data.val_fraction=0.5",
            "data.samples_per_video=32",  # 1 train video (the other patient is val) x 32 pairs
            "callbacks.last_checkpoint.every_n_train_steps=3", "trainer.deterministic=true", f"method={method}"]
+    if method == "byol":
+        run += ["method.predictor.hidden_dims=[32]", "method.predictor.out_dim=16", "method.predictor.hidden_bn=false"]
     _train(tiny_demo_data, tmp_path, "straight", *run)
     killed = _train(tiny_demo_data, tmp_path, "resumed", *run, "+callbacks.kill._target_=_kill_at_step.KillAtStep",
                     "+callbacks.kill.step=11", check=False)

@@ -25,6 +25,21 @@ OmegaConf.register_new_resolver(
 )
 
 
+# What Lightning's subprocess launcher sets in the launching process (lightning/fabric/strategies/launchers/
+# subprocess_script.py); LOCAL_RANK there makes a later Trainer believe its ranks were started externally.
+_DDP_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def end_previous_sweep_point_ddp() -> None:
+    """The basic launcher runs sweep points one after another in this process. After a DDP point its rank
+    processes have exited, but its process group and launch variables remain: drop them so this point starts
+    (and launches) its own ranks instead of waiting on the gone ones."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+        for key in _DDP_LAUNCH_ENV:
+            os.environ.pop(key, None)
+
+
 def pin_multirun_job_for_ddp() -> None:
     """Make Lightning's per-rank re-launch run only this sweep job, in this job's directory.
 
@@ -34,6 +49,7 @@ def pin_multirun_job_for_ddp() -> None:
     """
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
+    end_previous_sweep_point_ddp()
     hydra_cfg = HydraConfig.get()
     sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
     with read_write(hydra_cfg):

@@ -191,11 +191,12 @@ def interleaved_shard(sampler: EpochSampler, num_replicas: int, rank: int) -> Di
 
 
 class ResumableDataLoader(DataLoader):
-    """Training loader that resumes mid-epoch (Lightning's stateful-dataloader protocol).
+    """Training loader that resumes mid-epoch.
 
-    ``state_dict`` records the sampler's epoch and how many batches of it were handed out; Lightning stores it in
-    every checkpoint and calls ``load_state_dict`` on resume (under DDP the count is per rank: each rank skips
-    that many of its own shard's batches). The next pass over that epoch then skips those batches as index lists: nothing is loaded twice.
+    ``progress`` records the sampler's epoch and how many batches of it were handed out; the datamodule stores it
+    in every checkpoint and passes it to ``resume`` (under DDP the count is per rank: each rank skips that many of
+    its own shard's batches). Not Lightning's stateful-dataloader protocol: Lightning skips that restore when
+    configure_optimizers built the train loader early (trainer.estimated_stepping_batches does). The next pass over that epoch then skips those batches as index lists: nothing is loaded twice.
     Lightning fetches training batches without prefetching when the loader has a length, so "handed out" equals
     "trained on". Iteration starts lazily, at the first batch: on resume Lightning creates the iterator before
     ``set_epoch``, and the sampler's order and the (forked) workers' dataset epoch must already be the resumed one.
@@ -207,11 +208,11 @@ class ResumableDataLoader(DataLoader):
         self._handed_out = 0
         self._resume_at: dict[str, int] | None = None
 
-    def state_dict(self) -> dict[str, int]:
+    def progress(self) -> dict[str, int]:
         return {"epoch": self._epoch, "batches": self._handed_out}
 
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        self._resume_at = dict(state)
+    def resume(self, progress: Mapping[str, int]) -> None:
+        self._resume_at = dict(progress)
 
     @property
     def _index_sampler(self):
@@ -281,6 +282,20 @@ class VideoFramePairDataModule(L.LightningDataModule):
         self.views = views
         self.train_set: FramePairDataset | None = None
         self.val_set: FramePairDataset | None = None
+        self._train_loader: ResumableDataLoader | None = None
+        self._resume_train_at: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training loader stands in its epoch (saved in every checkpoint)."""
+        return {"train_loader": self._train_loader.progress()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        # Lightning restores the datamodule before or after (depending on the strategy) the train loader exists.
+        progress = state.get("train_loader")
+        if progress is not None and self._train_loader is not None:
+            self._train_loader.resume(progress)
+        else:
+            self._resume_train_at = progress
 
     def _records(self) -> list[VideoRecord]:
         return index_videos(self.root, self.manifest, self.patient_pattern)
@@ -340,7 +355,11 @@ class VideoFramePairDataModule(L.LightningDataModule):
         sampler = EpochSampler(self.train_set, True, self.seed)
         if world_size > 1:
             sampler = interleaved_shard(sampler, **self.trainer.distributed_sampler_kwargs)
-        return self._loader(self.train_set, sampler, drop_last, loader_cls=ResumableDataLoader)
+        self._train_loader = self._loader(self.train_set, sampler, drop_last, loader_cls=ResumableDataLoader)
+        if self._resume_train_at is not None:
+            self._train_loader.resume(self._resume_train_at)
+            self._resume_train_at = None
+        return self._train_loader
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
