@@ -82,7 +82,7 @@ def random_batches(n=16, seed=0):
 def classifier(trainable: str, backbone=None, **kwargs) -> PlaneClassifier:
     backbone = backbone or timm.create_model("resnet18", num_classes=0, pretrained=False)
     args = dict(num_features=getattr(backbone, "num_features", None), classes=CLASSES, trainable=trainable, head_lr=1e-2,
-                backbone_lr=1e-2, weight_decay=0.01, warmup_fraction=0.0, head_dropout=0.0)
+                backbone_lr=1e-2, weight_decay=0.01, warmup_fraction=0.0, head_dropout=0.0, feature_norm=False)
     return PlaneClassifier(backbone, **{**args, **kwargs})
 
 
@@ -91,15 +91,16 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ---- modes ----------------------------------------------------------------------------------------------
-def test_linear_mode_leaves_every_backbone_parameter_and_buffer_bit_identical():
-    model = classifier("none")
+@pytest.mark.parametrize("feature_norm", [False, True])
+def test_linear_mode_leaves_every_backbone_parameter_and_buffer_bit_identical(feature_norm):
+    model = classifier("none", feature_norm=feature_norm)
     before, head_before = snapshot(model.backbone), snapshot(model.head)
     tiny_trainer(max_epochs=2).fit(model, random_batches(), random_batches(seed=1))
     after = model.backbone.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights, BN running stats, batch counters
     assert all(not p.requires_grad for p in model.backbone.parameters())
-    assert not torch.equal(head_before["weight"], model.head.weight)
+    assert not torch.equal(head_before["1.weight"], model.head[-1].weight)
     model.train()
     assert not model.backbone.training and not any(m.training for m in model.backbone.modules())
     assert model.head.training
@@ -173,9 +174,9 @@ def test_cached_features_give_the_same_head_update_as_the_image_loop(tmp_path):
     assert len(features.features["train"][0]) == len(images.rows("train"))
     tiny_trainer(max_steps=1, limit_val_batches=0).fit(loop, images.train_dataloader())
     tiny_trainer(max_steps=1, limit_val_batches=0).fit(cached, features.train_dataloader())
-    assert not torch.equal(loop.head.weight, classifier("none").head.weight)
-    torch.testing.assert_close(cached.head.weight, loop.head.weight, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(cached.head.bias, loop.head.bias, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(loop.head[-1].weight, classifier("none").head[-1].weight)
+    torch.testing.assert_close(cached.head[-1].weight, loop.head[-1].weight, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(cached.head[-1].bias, loop.head[-1].bias, atol=1e-6, rtol=1e-5)
 
 
 # ---- whole run ------------------------------------------------------------------------------------------

@@ -14,10 +14,11 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import fetalssl
-from fetalssl.methods.monitor import LinearProbeMonitor, extract_features
+from fetalssl.finetune.features import extract_features
+from fetalssl.methods.monitor import LinearProbeMonitor
 from fetalssl.methods.simclr import SimCLR
 from fetalssl.models.backbones import create_backbone
 from fetalssl.models.heads import MLP
@@ -187,9 +188,11 @@ def test_probe_monitor_scores_separable_data_and_restores_train_mode():
 
 def test_extract_features_is_detached_and_eval_mode():
     backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.9))
-    x = torch.ones(4, 1, 2, 2)
-    feats = extract_features(backbone, x, batch_size=3, device=torch.device("cpu"))
+    backbone.train()
+    loader = DataLoader(TensorDataset(torch.ones(4, 1, 2, 2), torch.arange(4)), batch_size=3)
+    feats, labels = extract_features(backbone, loader, device=torch.device("cpu"))
     assert torch.equal(feats, torch.ones(4, 4)) and not feats.requires_grad  # dropout off in eval
+    assert torch.equal(labels, torch.arange(4)) and backbone.training  # order kept, train mode restored
 
 
 @pytest.mark.parametrize("method, preset", [("barlowtwins", "barlowtwins"), ("vicreg", "barlowtwins"),

@@ -34,18 +34,19 @@ def make_run_dir(root: Path, image_size: int = 32, seed: int = 0) -> Path:
     non-trivial BatchNorm statistics, so probabilities are far from uniform without any training."""
     cfg = OmegaConf.create({"data": OmegaConf.load(CONF / "data" / "labelled.yaml"),
                             "backbone": OmegaConf.load(CONF / "backbone" / "resnet18.yaml"),
-                            "init": OmegaConf.load(CONF / "init" / "random.yaml")})
+                            "init": OmegaConf.load(CONF / "init" / "random.yaml"),
+                            "finetune_mode": OmegaConf.load(CONF / "finetune_mode" / "full.yaml")})
     cfg.data.update(root="unused", image_size=image_size)
     torch.manual_seed(seed)
     backbone = instantiate(cfg.backbone)
     model = PlaneClassifier(backbone, backbone.num_features, list(cfg.data.classes), "all", 1e-3, 1e-3, 0.0,
-                            0.0, 0.0)
+                            0.0, 0.0, False)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.2, 0.2)
                 module.running_var.uniform_(0.5, 2.0)
-        model.head.weight.mul_(40)
+        model.head[-1].weight.mul_(40)
     run = root / "run"
     (run / RUN_CHECKPOINT).parent.mkdir(parents=True)
     (run / RUN_CONFIG).parent.mkdir(parents=True)
@@ -104,7 +105,7 @@ def test_checkpoint_predictor_matches_the_lightning_classifier(run_dir):
     model, meta = load_run(run_dir)
     state = torch.load(run_dir / RUN_CHECKPOINT, weights_only=True)["state_dict"]
     classifier = PlaneClassifier(instantiate(OmegaConf.load(run_dir / RUN_CONFIG).backbone, in_chans=3), 512,
-                                 meta.classes, "all", 1e-3, 1e-3, 0.0, 0.0, 0.0)
+                                 meta.classes, "all", 1e-3, 1e-3, 0.0, 0.0, 0.0, False)
     classifier.load_state_dict(state)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():

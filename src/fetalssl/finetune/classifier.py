@@ -18,8 +18,15 @@ from fetalssl.models.optim import parameter_groups, warmup_cosine
 log = logging.getLogger(__name__)
 
 
+def linear_head(num_features: int, num_classes: int, feature_norm: bool) -> nn.Sequential:
+    """The classifier head; with `feature_norm` a BatchNorm without affine parameters standardises the features
+    first (as in MAE's linear probe), so one learning rate suits backbones whose features differ in scale."""
+    norm = nn.BatchNorm1d(num_features, affine=False) if feature_norm else nn.Identity()
+    return nn.Sequential(norm, nn.Linear(num_features, num_classes))
+
+
 class PlaneClassifier(L.LightningModule):
-    """Backbone -> (dropout) -> linear head over `classes`.
+    """Backbone -> (dropout) -> (feature norm) -> linear head over `classes`.
 
     trainable: "none" (linear probe: backbone frozen and always in eval mode, BN statistics untouched),
     "last_stage" (partial) or "all" (full); see fetalssl.finetune.modes. The backbone may be `nn.Identity()`
@@ -32,7 +39,7 @@ class PlaneClassifier(L.LightningModule):
 
     def __init__(self, backbone: nn.Module, num_features: int, classes: Sequence[str], trainable: str,
                  head_lr: float, backbone_lr: float, weight_decay: float, warmup_fraction: float,
-                 head_dropout: float, class_weights: torch.Tensor | None = None):
+                 head_dropout: float, feature_norm: bool, class_weights: torch.Tensor | None = None):
         super().__init__()
         if head_dropout > 0 and trainable != "all":
             raise ValueError(f"head_dropout={head_dropout}: dropout is only used with full fine-tuning "
@@ -46,7 +53,7 @@ class PlaneClassifier(L.LightningModule):
         # Plain list, not a ModuleList: these modules are already registered under self.backbone.
         self._frozen = frozen_subtrees(backbone)
         self.dropout = nn.Dropout(head_dropout)
-        self.head = nn.Linear(num_features, len(classes))
+        self.head = linear_head(num_features, len(classes), feature_norm)
         self.register_buffer("class_weights", None if class_weights is None else class_weights.float())
         self.metrics = nn.ModuleDict({stage: metric_collection(len(classes)) for stage in ("val", "test")})
         self.confusion_matrices: dict[str, torch.Tensor] = {}

@@ -96,7 +96,7 @@ def _train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     model = PlaneClassifier(
         backbone=backbone, num_features=num_features, classes=images.classes, trainable=mode.trainable,
         head_lr=mode.head_lr, backbone_lr=mode.backbone_lr, weight_decay=cfg.classifier.weight_decay,
-        warmup_fraction=cfg.classifier.warmup_fraction, head_dropout=mode.head_dropout,
+        warmup_fraction=cfg.classifier.warmup_fraction, head_dropout=mode.head_dropout, feature_norm=mode.feature_norm,
         class_weights=images.class_weights() if cfg.classifier.class_weighted else None)
 
     trainer.fit(model, datamodule=data)

@@ -13,22 +13,13 @@ from sklearn.metrics import accuracy_score, f1_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fetalssl.finetune.features import extract_features
 
 log = logging.getLogger(__name__)
 
 Labelled = tuple[Tensor, Tensor]
-
-
-@torch.no_grad()
-def extract_features(backbone: nn.Module, images: Tensor, batch_size: int, device: torch.device) -> Tensor:
-    """Backbone features in eval mode without gradients; the module's train/eval state is restored."""
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        feats = [backbone(chunk.to(device)).float().cpu() for chunk in images.split(batch_size)]
-    finally:
-        backbone.train(was_training)
-    return torch.cat(feats)
 
 
 def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, k: int) -> Tensor:
@@ -84,10 +75,13 @@ class LinearProbeMonitor(L.Callback):
         for name, value in metrics.items():
             pl_module.log(name, value)
 
+    def _loader(self, x: Tensor, y: Tensor) -> DataLoader:
+        return DataLoader(TensorDataset(x, y), batch_size=self.batch_size)
+
     def evaluate(self, backbone: nn.Module, device: torch.device) -> dict[str, float]:
         (x_train, y_train), (x_val, y_val) = self._get("train"), self._get("val")
-        f_train = extract_features(backbone, x_train, self.batch_size, device)
-        f_val = extract_features(backbone, x_val, self.batch_size, device)
+        f_train, _ = extract_features(backbone, self._loader(x_train, y_train), device)
+        f_val, _ = extract_features(backbone, self._loader(x_val, y_val), device)
         probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=self.max_iter))
         probe.fit(f_train.numpy(), y_train.numpy())
         pred = probe.predict(f_val.numpy())

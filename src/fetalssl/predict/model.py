@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fetalssl.data.transforms import to_normalised_tensor
+from fetalssl.finetune.classifier import linear_head
 from fetalssl.finetune.init import build_backbone
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def meta_from_run_config(cfg: DictConfig, source: Path) -> ModelMeta:
 class ProbabilityModel(nn.Module):
     """Backbone -> linear head -> softmax: the fine-tuned PlaneClassifier at inference, without Lightning."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear):
+    def __init__(self, backbone: nn.Module, head: nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -123,7 +124,7 @@ def load_run(run_dir: str | Path) -> tuple[ProbabilityModel, ModelMeta]:
     else:  # cached-feature linear probe: the frozen backbone is exactly the init weights
         log.info("%s: head-only checkpoint; backbone from init=%s", run_dir, cfg.init.name)
         backbone = build_backbone(cfg.backbone, cfg.init)
-    head = nn.Linear(backbone.num_features, len(meta.classes))
+    head = linear_head(backbone.num_features, len(meta.classes), cfg.finetune_mode.feature_norm)
     model = ProbabilityModel(backbone, head)
     # Lightning prefixes match ProbabilityModel's attribute names; metric states and class weights are dropped.
     target, prefix = (model, "") if has_backbone else (head, "head.")
