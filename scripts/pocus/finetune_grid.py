@@ -1,7 +1,7 @@
 """Run a fine-tuning grid in one process through fetalssl's own configs and run_finetune (no Hydra launcher).
 
 Each grid point composes conf/finetune.yaml with the fixed overrides plus its own choices, exactly as
-`fetalssl-finetune -m` would, and writes <out>/<choice=value,...>/ (metrics.json etc.); points already done
+`fetalssl-finetune -m` would, and writes <out>/<choice=value,...>/ (metrics.json etc.; path values left out of the name); points already done
 with the same config are skipped, failures are logged and the grid goes on. One process means one import of
 torch/Lightning for the whole grid, which matters on a 2-core machine.
 
@@ -68,7 +68,8 @@ def main() -> None:
     failed = 0
     with initialize_config_module("fetalssl.conf", version_base="1.3"):
         for point in grid_points(args.grid):
-            run_dir = args.out / ",".join(point)
+            # Paths (values holding "/") stay out of the directory name, like Hydra's exclude_keys.
+            run_dir = args.out / ",".join(p for p in point if "/" not in p)
             cfg = compose("finetune", overrides=[*args.overrides, *point, f"paths.output_dir='{run_dir}'"])
             if already_done(run_dir, config_key(cfg)):
                 log.info("Skipping %s: done", run_dir)
