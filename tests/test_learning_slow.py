@@ -4,6 +4,7 @@ import json
 from statistics import mean
 
 import pytest
+
 from conftest import run_cli
 
 

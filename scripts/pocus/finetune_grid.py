@@ -20,9 +20,8 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_module
 
-from fetalssl.cli.finetune import already_done
 from fetalssl.finetune import features
-from fetalssl.finetune.run import config_key, run_finetune
+from fetalssl.finetune.run import run_unless_finished
 
 log = logging.getLogger("finetune_grid")
 
@@ -71,11 +70,8 @@ def main() -> None:
             # Paths (values holding "/") stay out of the directory name, like Hydra's exclude_keys.
             run_dir = args.out / ",".join(p for p in point if "/" not in p)
             cfg = compose("finetune", overrides=[*args.overrides, *point, f"paths.output_dir='{run_dir}'"])
-            if already_done(run_dir, config_key(cfg)):
-                log.info("Skipping %s: done", run_dir)
-                continue
             try:
-                run_finetune(cfg, run_dir)
+                run_unless_finished(cfg, run_dir)
             except Exception:
                 failed += 1
                 log.exception("%s failed; the grid goes on", run_dir)

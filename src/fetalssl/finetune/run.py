@@ -154,3 +154,21 @@ def run_finetune(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     save_json(result, output_dir / METRICS_FILE)
     log.info("Test: %s", {k: result["test"][k] for k in ("macro_f1", "balanced_accuracy", "accuracy")})
     return result
+
+
+def finished(output_dir: Path, cfg: DictConfig) -> bool:
+    """A run counts as finished when its metrics.json says ok for exactly this config (see config_key)."""
+    try:
+        previous = json.loads((Path(output_dir) / METRICS_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return previous.get("status") == "ok" and previous.get("config_key") == config_key(cfg)
+
+
+def run_unless_finished(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any] | None:
+    """run_finetune, or None (logged) when output_dir already holds this config's successful run: what lets an
+    interrupted sweep resume."""
+    if finished(Path(output_dir), cfg):
+        log.info("Skipping %s: completed with this config already", output_dir)
+        return None
+    return run_finetune(cfg, output_dir)
