@@ -77,7 +77,27 @@ class LabelledImageDataset(Dataset):
         return x, self.class_to_index[row.label]
 
 
-class DownstreamDataModule(L.LightningDataModule):
+class SplitDataModule(L.LightningDataModule):
+    """Lightning's dataloader hooks over one `loader(split, train)`: training batches are shuffled (and
+    augmented where that applies); val, test and predict read their split in order."""
+
+    def loader(self, split: str, train: bool = False) -> DataLoader:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.loader("test")
+
+
+class DownstreamDataModule(SplitDataModule):
     """Labelled images from a CSV or class folders, split by patient, with a nested training fraction.
 
     Everything (reading, validation, splitting, subset selection) happens in the first `setup()` call, so all
@@ -185,21 +205,9 @@ class DownstreamDataModule(L.LightningDataModule):
         return LabelledImageDataset(self.rows(split), self.classes, transform, self.channels, self.mean,
                                     self.std, self.image_size)
 
-    def loader(self, split: str, augment: bool = False, shuffle: bool = False) -> DataLoader:
-        return DataLoader(self.dataset(split, augment), batch_size=self.batch_size, shuffle=shuffle,
+    def loader(self, split: str, train: bool = False) -> DataLoader:
+        return DataLoader(self.dataset(split, augment=train), batch_size=self.batch_size, shuffle=train,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self.loader("train", augment=True, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self.loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.loader("test")
 
 
 def split_tensors(datamodule: DownstreamDataModule, split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 
-import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fetalssl.data.downstream import DownstreamDataModule
+from fetalssl.data.downstream import DownstreamDataModule, SplitDataModule
 from fetalssl.data.splits import SPLITS
 
 log = logging.getLogger(__name__)
@@ -34,7 +33,7 @@ def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.devi
     return torch.cat(features), torch.cat(labels)
 
 
-class CachedFeatureDataModule(L.LightningDataModule):
+class CachedFeatureDataModule(SplitDataModule):
     """Batches of (features (B, D), labels (B,)) for every split of a DownstreamDataModule."""
 
     def __init__(self, features: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int):
@@ -57,17 +56,5 @@ class CachedFeatureDataModule(L.LightningDataModule):
     def num_features(self) -> int:
         return self.features["train"][0].shape[1]
 
-    def loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(TensorDataset(*self.features[split]), batch_size=self.batch_size, shuffle=shuffle)
-
-    def train_dataloader(self) -> DataLoader:
-        return self.loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self.loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.loader("test")
+    def loader(self, split: str, train: bool = False) -> DataLoader:
+        return DataLoader(TensorDataset(*self.features[split]), batch_size=self.batch_size, shuffle=train)
