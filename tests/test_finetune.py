@@ -325,3 +325,19 @@ def test_data_fraction_configs(percent):
     text = (CONF / "data_fraction" / f"pct{percent}.yaml").read_text()
     assert text.startswith("# @package _global_")
     assert OmegaConf.create(text).data.fraction == pytest.approx(percent / 100)
+
+
+def test_caching_features_leaves_the_global_rng_untouched(tmp_path):
+    """The head's initialisation and batch order must not depend on whether features were cached."""
+    from hydra.utils import instantiate
+
+    from fetalssl.finetune.features import CachedFeatureDataModule
+
+    images = make_images(tmp_path / "data")
+    dm = instantiate(finetune_cfg(images).data, output_dir=None)
+    backbone = timm.create_model("resnet18", num_classes=0, pretrained=False)
+    torch.manual_seed(0)
+    CachedFeatureDataModule.from_images(backbone, dm, torch.device("cpu"))
+    after_caching = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after_caching, torch.rand(3))

@@ -72,7 +72,10 @@ def run_handwritten(cfg, steps: int, warmup: int) -> float:
     method = build_method(cfg).to(device).train()
     lr = scaled_lr(cfg.method.base_lr, cfg.data.batch_size, 1, 1)
     optimizer = method.optimizer_factory(parameter_groups([method]), lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, 0, steps))
+    # The method's schedule (configure_optimizers): warm-up over method.warmup_epochs epochs, where the
+    # in-memory "epoch" of lightning_memory is `steps` batches; both modes then make the same updates.
+    lr_warmup = round(cfg.method.warmup_epochs * steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, lr_warmup, steps))
     autocast = (torch.autocast(device, dtype=torch.bfloat16) if cfg.trainer.precision == "bf16-mixed"
                 else contextlib.nullcontext())
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format

@@ -46,10 +46,13 @@ class CachedFeatureDataModule(SplitDataModule):
                     device: torch.device) -> CachedFeatureDataModule:
         images.setup()
         features = {}
-        for split in SPLITS:
-            features[split] = extract_features(backbone, images.loader(split), device)
-            log.info("Cached %s features of %d %s images", tuple(features[split][0].shape[1:]),
-                     len(features[split][0]), split)
+        # Each DataLoader iteration draws a seed from the global RNG: fork it so that caching leaves the head's
+        # initialisation and batch order exactly as the looped probe would have them.
+        with torch.random.fork_rng(devices=[]):
+            for split in SPLITS:
+                features[split] = extract_features(backbone, images.loader(split), device)
+                log.info("Cached %s features of %d %s images", tuple(features[split][0].shape[1:]),
+                         len(features[split][0]), split)
         return cls(features, images.batch_size)
 
     @property
