@@ -56,6 +56,7 @@ def finetune_cfg(source: Path, mode: str = "linear", **trainer):
                      "in_chans": "${data.channels}", "pretrained_path": None, "zero_init_last": False},
         "init": OmegaConf.load(CONF / "init" / "random.yaml"),
         "finetune_mode": OmegaConf.load(CONF / "finetune_mode" / f"{mode}.yaml"),
+        "feature_cache_dir": None,
         "classifier": {"class_weighted": True, "weight_decay": 0.01, "warmup_fraction": 0.1},
         "monitor": "val/balanced_accuracy",
         "monitor_mode": "max",
@@ -198,7 +199,7 @@ def test_run_writes_files_and_metrics_match_sklearn(tmp_path, cache_features):
     assert saved["grid"] == {"init": "random", "method": None, "fraction": 0.5, "finetune_mode": "linear",
                              "seed": 0, "backbone": "resnet18"}
     rows = _read_predictions(out / "predictions.csv")
-    assert list(rows[0]) == ["image_path", "label", "pred", *(f"prob_{c}" for c in CLASSES)]
+    assert list(rows[0]) == ["image_path", "patient_id", "video", "label", "pred", *(f"prob_{c}" for c in CLASSES)]
     for row in rows:
         probs = [float(row[f"prob_{c}"]) for c in CLASSES]
         assert abs(sum(probs) - 1) < 1e-4 and row["pred"] == CLASSES[int(np.argmax(probs))]
@@ -220,6 +221,7 @@ def test_run_writes_files_and_metrics_match_sklearn(tmp_path, cache_features):
     subset = _read_predictions(out / "train_subset.csv")
     assert len(subset) == saved["train_size"] == sum(saved["train_class_counts"].values())
     test_patients = {r["image_path"].split("/")[-1].split("_")[0] for r in rows}
+    assert all(r["patient_id"] == r["image_path"].split("/")[-1].split("_")[0] for r in rows)
     val_patients = {r["image_path"].split("/")[-1].split("_")[0] for r in val_rows}
     n_train_per_class = 2 * (6 - len(test_patients) - len(val_patients))
     assert saved["train_class_counts"] == {c: max(1, int(np.floor(0.5 * n_train_per_class + 0.5)))
@@ -325,6 +327,49 @@ def test_data_fraction_configs(percent):
     text = (CONF / "data_fraction" / f"pct{percent}.yaml").read_text()
     assert text.startswith("# @package _global_")
     assert OmegaConf.create(text).data.fraction == pytest.approx(percent / 100)
+
+
+def test_feature_cache_on_disk_is_reused_and_keyed_by_weights_and_images(tmp_path, monkeypatch, caplog):
+    """Second build with the same backbone and images reads the disk cache (no backbone pass) and gets
+    identical features; other weights or a rewritten image give a new entry, never stale features."""
+    from hydra.utils import instantiate
+
+    from fetalssl.finetune import features as feature_module
+
+    labels_csv = make_images(tmp_path / "data")
+    dm = instantiate(finetune_cfg(labels_csv).data, output_dir=None)
+    backbone = timm.create_model("resnet18", num_classes=0, pretrained=False)
+    cache = tmp_path / "cache"
+    first = CachedFeatureDataModule.from_images(backbone, dm, torch.device("cpu"), cache_dir=cache)
+    assert len(list(cache.glob("*.pt"))) == 3  # train, val, test
+
+    passes = []
+    real_extract = feature_module.extract_features
+    monkeypatch.setattr(feature_module, "extract_features", lambda *a: passes.append(1) or real_extract(*a))
+    again = CachedFeatureDataModule.from_images(backbone, dm, torch.device("cpu"), cache_dir=cache)
+    assert passes == []
+    for split in first.features:
+        assert torch.equal(again.features[split][0], first.features[split][0])
+        assert torch.equal(again.features[split][1], first.features[split][1])
+
+    with torch.no_grad():
+        backbone.conv1.weight.mul_(2)
+    CachedFeatureDataModule.from_images(backbone, dm, torch.device("cpu"), cache_dir=cache)
+    assert len(passes) == 3 and len(list(cache.glob("*.pt"))) == 6
+
+    test_image = dm.rows("test")[0].path
+    image = cv2.imread(str(test_image), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(test_image), 255 - image)
+    os.utime(test_image, ns=(time.time_ns(), time.time_ns() + 10**9))  # mtime changes even on coarse clocks
+    changed = CachedFeatureDataModule.from_images(backbone, dm, torch.device("cpu"), cache_dir=cache)
+    assert len(passes) == 4  # only the test split is embedded again
+    assert not torch.equal(changed.features["test"][0][0], again.features["test"][0][0])
+
+    for path in cache.glob("*.pt"):
+        path.write_bytes(b"not a torch file")
+    with caplog.at_level("WARNING"):
+        CachedFeatureDataModule.from_images(backbone, dm, torch.device("cpu"), cache_dir=cache)
+    assert len(passes) == 7 and "Cannot read cached features" in caplog.text
 
 
 def test_caching_features_leaves_the_global_rng_untouched(tmp_path):

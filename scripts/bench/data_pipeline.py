@@ -1,7 +1,9 @@
 """Benchmark the pretraining input pipeline: frame pairs/s decoded on the fly (decord, PyAV) vs the frame cache.
 
 Every mode draws the same pairs (temporal sampler, same seed) and applies the same augmentation preset, in one
-process (DataLoader workers multiply all rates about equally). Example:
+process (DataLoader workers multiply all rates about equally). The cache is built once, timed; then each mode
+runs in its own subprocess, so its peak RSS (VmHWM; includes the ~0.3 GiB of the imports) is its own.
+Example:
 
     .venv/bin/python scripts/bench/data_pipeline.py ../shared/data/pocus/manifest.csv --max-videos 40
     .venv/bin/python scripts/bench/data_pipeline.py .demo/videos --pairs 300
@@ -10,7 +12,10 @@ process (DataLoader workers multiply all rates about equally). Example:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from peak_memory import peak_rss_mib  # scripts/bench/, on sys.path when run as a script
 
 from fetalssl.data.cache import build_cache
 from fetalssl.data.index import find_videos, read_manifest
@@ -63,6 +69,31 @@ def cache_rate(videos, sampler, views, args) -> float:
     return args.pairs / (time.perf_counter() - start)
 
 
+# mode -> reader backend; decord cannot open GIF: "auto" is the production path (decord, PyAV for what decord
+# cannot read)
+MODES = {"cache (np.memmap)": None, "on the fly, decord*": "auto", "on the fly, PyAV": "pyav"}
+
+
+def measure(mode: str, args) -> dict:
+    records, sampler, views = inputs(args)
+    summary = build_cache(records, args.cache_dir, args.short_side, 1, rgb=False)  # built by the parent: reused
+    if MODES[mode] is None:
+        rate = cache_rate(summary.videos, sampler, views, args)
+    else:
+        usable = [r for r in records if r.path in {v.source for v in summary.videos}]
+        rate = on_the_fly_rate(usable, MODES[mode], sampler, views, args)
+    return {"pairs_per_s": rate, "peak_rss_mib": peak_rss_mib()}
+
+
+def inputs(args):
+    if args.source.suffix == ".csv":
+        records = read_manifest(args.source, "^([^/]+)/")
+    else:
+        records = find_videos(args.source, "^([^/]+)/")
+    return (records[: args.max_videos], TemporalPairs(max_gap=args.max_gap, unit="seconds"),
+            load_views(args.augment, args.image_size))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -75,38 +106,38 @@ def main() -> None:
     parser.add_argument("--short-side", type=int, default=160)
     parser.add_argument("--max-gap", type=float, default=0.5, help="temporal pair gap, seconds")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--one", choices=list(MODES), help=argparse.SUPPRESS)  # child: one mode, JSON out
+    parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.one:
+        print(json.dumps(measure(args.one, args)))
+        return
 
-    if args.source.suffix == ".csv":
-        records = read_manifest(args.source, "^([^/]+)/")
-    else:
-        records = find_videos(args.source, "^([^/]+)/")
-    records = records[: args.max_videos]
-    sampler = TemporalPairs(max_gap=args.max_gap, unit="seconds")
-    views = load_views(args.augment, args.image_size)
-
-    rows = []
+    records, _, _ = inputs(args)
+    rows = {}
     with tempfile.TemporaryDirectory() as cache_dir:
         start = time.perf_counter()
         summary = build_cache(records, cache_dir, args.short_side, 1, rgb=False)
         build_s = time.perf_counter() - start
-        usable = [r for r in records if r.path in {v.source for v in summary.videos}]
-        rows.append(("cache (np.memmap)", cache_rate(summary.videos, sampler, views, args)))
-    # decord cannot open GIF: "auto" is the production path (decord, PyAV for what decord cannot read)
-    for label, backend in (("on the fly, decord*", "auto"), ("on the fly, PyAV", "pyav")):
-        rows.append((label, on_the_fly_rate(usable, backend, sampler, views, args)))
+        for mode in MODES:
+            child = subprocess.run([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--one", mode,
+                                    "--cache-dir", cache_dir], capture_output=True, text=True)
+            if child.returncode != 0:
+                raise SystemExit(f"{mode} failed:\n{child.stderr[-3000:]}")
+            rows[mode] = json.loads(child.stdout.strip().splitlines()[-1])
 
     print(
-        f"\n{len(usable)} videos, {summary.frames_cached} frames; augment={args.augment} {args.image_size}px, "
+        f"\n{len(summary.videos)} videos, {summary.frames_cached} frames; augment={args.augment} {args.image_size}px, "
         f"temporal pairs +-{args.max_gap}s, short side {args.short_side}, {args.pairs} pairs per mode, 1 process"
     )
     print(
         f"cache build: {build_s:.1f} s ({summary.frames_cached / build_s:.0f} frames/s decode+resize+write)\n"
     )
-    print(f"{'mode':<22}{'pairs/s':>10}{'vs cache':>10}")
-    for name, rate in rows:
-        print(f"{name:<22}{rate:>10.1f}{rate / rows[0][1]:>10.2f}")
+    cache = rows["cache (np.memmap)"]["pairs_per_s"]
+    print(f"{'mode':<22}{'pairs/s':>10}{'vs cache':>10}{'peak RSS MiB':>14}")
+    for name, row in rows.items():
+        print(f"{name:<22}{row['pairs_per_s']:>10.1f}{row['pairs_per_s'] / cache:>10.3f}{row['peak_rss_mib']:>14.0f}")
     print("* decord with the PyAV fallback for files decord cannot open (GIF)")
 
 

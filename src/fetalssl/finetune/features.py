@@ -3,25 +3,34 @@
 Much faster than the image loop for a linear probe (one backbone pass per image instead of one per epoch),
 at one cost: training images are embedded with the eval transform, i.e. without augmentation. It is off by
 default (`finetune_mode.cache_features: false`); with augmentation off, both paths train the same head.
+
+With `feature_cache_dir` (conf/finetune.yaml) the features also persist on disk, keyed by what determines them
+(backbone class and weights, the images' paths, sizes and modification times, the eval transform, the
+normalisation and the device type), so the runs of a sweep that share a frozen backbone (every fraction and
+seed of an SSL init; every fraction of a random init's seed) embed each image once, in one process or many.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fetalssl.data.downstream import DownstreamDataModule, SplitDataModule
+from fetalssl.cli.common import save_torch
+from fetalssl.data.downstream import DownstreamDataModule, LabelledImageDataset, SplitDataModule
 from fetalssl.data.splits import SPLITS
 
 log = logging.getLogger(__name__)
 
+Features = tuple[torch.Tensor, torch.Tensor]
+
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.device) -> tuple[torch.Tensor,
-                                                                                             torch.Tensor]:
+def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.device) -> Features:
     """(features (N, D), labels (N,)) on the CPU, in loader order, with the backbone in eval mode."""
     was_training = backbone.training
     backbone.eval().to(device)
@@ -33,25 +42,72 @@ def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.devi
     return torch.cat(features), torch.cat(labels)
 
 
+def weights_digest(module: nn.Module) -> str:
+    """sha256 over the module's class and every state_dict entry (name, dtype, shape, bytes)."""
+    digest = hashlib.sha256(type(module).__name__.encode())
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def images_digest(dataset: LabelledImageDataset) -> str:
+    """sha256 over what turns the dataset's files into tensors: each file's path, size and mtime, in order,
+    the transform (albumentations' repr lists every parameter) and the normalisation."""
+    digest = hashlib.sha256(repr((dataset.transform, dataset.mean, dataset.std, dataset.channels,
+                                  dataset.image_size)).encode())
+    for row in dataset.rows:
+        stat = row.path.stat()
+        digest.update(f"{row.path}|{stat.st_size}|{stat.st_mtime_ns}|{row.label}\n".encode())
+    return digest.hexdigest()
+
+
+def cached_extract_features(backbone: nn.Module, loader: DataLoader, device: torch.device,
+                            cache_dir: Path | None, weights: str | None = None) -> Features:
+    """extract_features, read from / written to cache_dir when given (atomic writes; an unreadable or
+    mismatching file is logged and recomputed)."""
+    if cache_dir is None:
+        return extract_features(backbone, loader, device)
+    weights = weights or weights_digest(backbone)
+    key = hashlib.sha256(f"{weights}|{images_digest(loader.dataset)}|{device.type}".encode()).hexdigest()
+    path = Path(cache_dir) / f"{key}.pt"
+    if path.is_file():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            if len(cached["labels"]) == len(loader.dataset):
+                log.info("Read cached features %s", path)
+                return cached["features"], cached["labels"]
+            log.warning("%s holds %d rows, expected %d: recomputing", path, len(cached["labels"]),
+                        len(loader.dataset))
+        except Exception as err:  # a cache must never stop a run: recompute and overwrite it
+            log.warning("Cannot read cached features %s (%s): recomputing", path, err)
+    features, labels = extract_features(backbone, loader, device)
+    save_torch({"features": features, "labels": labels}, path)
+    return features, labels
+
+
 class CachedFeatureDataModule(SplitDataModule):
     """Batches of (features (B, D), labels (B,)) for every split of a DownstreamDataModule."""
 
-    def __init__(self, features: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int):
+    def __init__(self, features: dict[str, Features], batch_size: int):
         super().__init__()
         self.features = features
         self.batch_size = batch_size
 
     @classmethod
-    def from_images(cls, backbone: nn.Module, images: DownstreamDataModule,
-                    device: torch.device) -> CachedFeatureDataModule:
+    def from_images(cls, backbone: nn.Module, images: DownstreamDataModule, device: torch.device,
+                    cache_dir: str | Path | None = None) -> CachedFeatureDataModule:
         images.setup()
+        weights = weights_digest(backbone) if cache_dir is not None else None
         features = {}
         # Each DataLoader iteration draws a seed from the global RNG: fork it so that caching leaves the head's
         # initialisation and batch order exactly as the looped probe would have them.
         with torch.random.fork_rng(devices=[]):
             for split in SPLITS:
-                features[split] = extract_features(backbone, images.loader(split), device)
-                log.info("Cached %s features of %d %s images", tuple(features[split][0].shape[1:]),
+                features[split] = cached_extract_features(backbone, images.loader(split), device,
+                                                          None if cache_dir is None else Path(cache_dir), weights)
+                log.info("Features %s of %d %s images", tuple(features[split][0].shape[1:]),
                          len(features[split][0]), split)
         return cls(features, images.batch_size)
 

@@ -26,6 +26,8 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
+from fetalssl.data.splits import LabelledImage
+
 SCALAR_METRICS = ("macro_f1", "balanced_accuracy", "accuracy")
 
 
@@ -48,21 +50,24 @@ def summarize(computed: dict[str, torch.Tensor], classes: Sequence[str]) -> dict
 
 # ---- predictions.csv ------------------------------------------------------------------------------------
 def prediction_columns(classes: Sequence[str]) -> list[str]:
-    return ["image_path", "label", "pred", *(f"prob_{c}" for c in classes)]
+    return ["image_path", "patient_id", "video", "label", "pred", *(f"prob_{c}" for c in classes)]
 
 
-def write_predictions(path: Path, image_paths: Sequence[str], targets: torch.Tensor, probs: torch.Tensor,
-                      classes: Sequence[str]) -> None:
-    """One row per image: true and predicted class names and the softmax probability of every class."""
-    if not len(image_paths) == len(targets) == len(probs):
-        raise ValueError(f"{path}: {len(image_paths)} paths, {len(targets)} labels, {len(probs)} predictions")
+def write_predictions(path: Path, rows: Sequence[LabelledImage], targets: torch.Tensor, probs: torch.Tensor,
+                      classes: Sequence[str], video_of: dict[str, str] | None = None) -> None:
+    """One row per image: its patient and video (empty without a labels-CSV video column), true and predicted
+    class names and the softmax probability of every class. Patient and video make the file enough on its own
+    for patient-level resampling (fetalssl.report.bootstrap)."""
+    if not len(rows) == len(targets) == len(probs):
+        raise ValueError(f"{path}: {len(rows)} images, {len(targets)} labels, {len(probs)} predictions")
     preds = probs.argmax(1)
     with Path(path).open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(prediction_columns(classes))
-        for image_path, target, pred, row in zip(image_paths, targets.tolist(), preds.tolist(), probs.tolist(),
-                                                 strict=True):
-            writer.writerow([image_path, classes[target], classes[pred], *(f"{p:.6g}" for p in row)])
+        for image, target, pred, row in zip(rows, targets.tolist(), preds.tolist(), probs.tolist(), strict=True):
+            video = "" if video_of is None else video_of.get(image.image_path, "")
+            writer.writerow([image.image_path, image.patient_id, video, classes[target], classes[pred],
+                             *(f"{p:.6g}" for p in row)])
 
 
 def read_predictions(path: Path, classes: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,8 @@
 """One fine-tuning run: data, backbone init, mode, training with model selection, test, and the run's files.
 
 Config keys read (see conf/finetune.yaml): seed, data (conf/data/labelled.yaml), backbone (conf/backbone),
-init (conf/init), finetune_mode (conf/finetune_mode), classifier {class_weighted, weight_decay,
-warmup_fraction}, monitor, monitor_mode, trainer, and optionally callbacks / logger (as for pretraining).
+init (conf/init), finetune_mode (conf/finetune_mode), feature_cache_dir, classifier {class_weighted,
+weight_decay, warmup_fraction}, monitor, monitor_mode, trainer, and optionally callbacks / logger (as for pretraining).
 
 Files written to `output_dir`: train_subset.csv, checkpoints/best.ckpt (weights of the best `monitor` epoch),
 predictions.csv (test) and val_predictions.csv, confusion_matrix.{csv,png} (test), metrics.json (with a
@@ -91,7 +91,8 @@ def _train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if mode.cache_features:
         if mode.trainable != "none":
             raise ValueError(f"finetune_mode.cache_features needs a frozen backbone, not trainable={mode.trainable}")
-        data = CachedFeatureDataModule.from_images(backbone, images, trainer.strategy.root_device)
+        data = CachedFeatureDataModule.from_images(backbone, images, trainer.strategy.root_device,
+                                                   cache_dir=cfg.feature_cache_dir)
         backbone = nn.Identity()
     model = PlaneClassifier(
         backbone=backbone, num_features=num_features, classes=images.classes, trainable=mode.trainable,
@@ -114,16 +115,16 @@ def _write_outputs(images: DownstreamDataModule, probs: dict[str, torch.Tensor],
                    output_dir: Path) -> dict[str, Any]:
     """predictions / confusion files and the metrics.json sections, from class probabilities per split."""
     result: dict[str, Any] = {}
+    labels_csv = images.labels_csv()
+    video_of = video_labels(labels_csv) if labels_csv is not None else None
     for split, filename in PREDICTION_FILES.items():
         dataset = images.dataset(split)
-        write_predictions(output_dir / filename, dataset.image_paths, torch.from_numpy(dataset.labels),
-                          probs[split], images.classes)
+        write_predictions(output_dir / filename, dataset.rows, torch.from_numpy(dataset.labels), probs[split],
+                          images.classes, video_of)
         result[split], matrix = metrics_from_predictions(output_dir / filename, images.classes)
         if split == "test":
             write_confusion_matrix(matrix, images.classes, output_dir / "confusion_matrix.csv",
                                    output_dir / "confusion_matrix.png")
-    labels_csv = images.labels_csv()
-    video_of = video_labels(labels_csv) if labels_csv is not None else None
     if video_of is not None:
         result["test_video"] = video_metrics_from_predictions(output_dir / PREDICTION_FILES["test"], video_of,
                                                               images.classes)
