@@ -4,7 +4,10 @@
 
 Writes results.csv (mean, sample std, n per cell and metric), runs.csv (one row per run), results.md
 (tables per finetune mode + missing/failed runs), <metric>_vs_fraction.png (f1_vs_fraction.png for
-macro-F1) and confusion_grid.png, and prints the Markdown to stdout.
+macro-F1) and confusion_grid.png, and prints the Markdown to stdout. Each `--compare A B` (row labels as in
+the tables, e.g. `--compare hog ssl:barlowtwins`) adds B - A per mode and fraction with a paired bootstrap
+interval over the test patients (comparisons.csv and a section of results.md): is a difference larger than
+what the choice of test patients alone would give?
 Exit status: 0 ok, 1 nothing usable found (no metrics.json, or no successful run), 2 bad arguments.
 """
 
@@ -16,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fetalssl.report.bootstrap import compare, markdown_comparisons, write_comparisons_csv
 from fetalssl.report.collect import METRIC_SECTIONS, collect_sweep
 from fetalssl.report.plots import plot_confusion_grid, plot_metric_vs_fraction, sum_confusions
 from fetalssl.report.tables import (
@@ -38,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metric", nargs="+", default=None,
                         help=f"metrics to tabulate and plot; a bare name means test.<name> "
                              f"(default: {DEFAULT_METRIC}, plus {VIDEO_METRIC} when present)")
+    parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
+                        help="init labels to compare (B - A), e.g. hog ssl:barlowtwins; repeatable")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples per comparison")
     parser.add_argument("--cm-fraction", type=float, nargs="+", default=None,
                         help="label fractions shown in confusion_grid.png (default: all)")
     return parser
@@ -80,6 +87,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     cells = aggregate(results.ok)
     markdown = render_markdown(cells, results, metrics)
     written = [out / "results.csv", out / "runs.csv", out / "results.md"]
+    if args.compare:
+        labeller, labels = make_labeller(results.ok), {c.label for c in cells}
+        unknown = sorted({label for pair in args.compare for label in pair} - labels)
+        if unknown:
+            print(f"fetalssl-report: error: --compare label(s) {', '.join(unknown)} not in the results; "
+                  f"labels: {', '.join(sorted(labels))}", file=sys.stderr)
+            return 2
+        try:
+            comparisons = [c for a, b in args.compare
+                           for c in compare(results.ok, labeller, a, b, metrics, args.resamples)]
+        except ValueError as err:
+            print(f"fetalssl-report: error: --compare: {err}", file=sys.stderr)
+            return 1
+        markdown += "\n" + markdown_comparisons(comparisons) + "\n"
+        written.append(out / "comparisons.csv")
+        write_comparisons_csv(comparisons, written[-1])
     write_results_csv(cells, written[0])
     write_runs_csv(results.ok, results.root, written[1])
     written[2].write_text(markdown)
