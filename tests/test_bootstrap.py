@@ -154,3 +154,20 @@ def test_report_compare_writes_intervals(tmp_path, capsys):
 
     assert main([str(tmp_path / "sweep"), "--out", str(out), "--compare", "hog", "ssl:byol"]) == 2
     assert "ssl:byol" in capsys.readouterr().err
+
+
+def test_patients_are_resampled_within_their_class(tmp_path):
+    """The only covid patient is in every resample: A, wrong on that patient alone, always scores lower (an
+    unstratified draw would leave the patient out about a third of the time, and the interval would touch 0)."""
+    labels = {"p0": "covid", **{f"p{i}": CLASSES[i % 2] for i in range(1, 9)}}
+    rows = [LabelledImage(Path(f"{p}_{f}.png"), f"{p}_{f}.png", label, p, "test", "labels.csv")
+            for p, label in labels.items() for f in range(4)]
+    targets = torch.tensor([CLASSES.index(r.label) for r in rows])
+    probs_b = torch.nn.functional.one_hot(targets, len(CLASSES)).float()
+    probs_a = probs_b.clone()
+    on_p0 = torch.tensor([r.patient_id == "p0" for r in rows])
+    probs_a[on_p0] = probs_a[on_p0].roll(1, dims=1)
+    a = read_test_predictions(write_run(tmp_path / "a", rows, targets, probs_a, None))
+    b = read_test_predictions(write_run(tmp_path / "b", rows, targets, probs_b, None))
+    difference = paired_bootstrap([a], [b], "balanced_accuracy", 500)
+    assert difference.low == pytest.approx(1 / 3) == pytest.approx(difference.high)
