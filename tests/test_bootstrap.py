@@ -132,28 +132,35 @@ def test_old_predictions_without_patients_are_refused(tmp_path):
 
 def test_report_compare_writes_intervals(tmp_path, capsys):
     rows, targets, video_of = make_test_set()
-    for init, accuracy in (("hog", 0.3), ("random", 0.9)):
+    for init, mode, accuracy in (("hog", "linear", 0.3), ("random", "linear", 0.9), ("random", "full", 0.6)):
         for seed in range(2):
-            run_dir = tmp_path / "sweep" / f"{init}_{seed}"
+            run_dir = tmp_path / "sweep" / f"{init}_{mode}_{seed}"
             write_run(run_dir, rows, targets, noisy_probs(targets, accuracy, seed + 5 * (init == "random")), video_of)
             test, _ = metrics_from_predictions(run_dir / "predictions.csv", CLASSES)
             video = video_metrics_from_predictions(run_dir / "predictions.csv", video_of, CLASSES)
             (run_dir / "metrics.json").write_text(json.dumps({
                 "status": "ok", "test": test, "test_video": video,
-                "grid": {"init": init, "method": None, "fraction": 0.1, "finetune_mode": "linear", "seed": seed}}))
+                "grid": {"init": init, "method": None, "fraction": 0.1, "finetune_mode": mode, "seed": seed}}))
     out = tmp_path / "report"
-    assert main([str(tmp_path / "sweep"), "--out", str(out), "--compare", "hog", "random", "--resamples", "300",
+    assert main([str(tmp_path / "sweep"), "--out", str(out), "--compare", "hog", "random",
+                 "--compare", "hog@linear", "random@full", "--resamples", "300",
                  "--metric", "macro_f1", "test_video.macro_f1"]) == 0
     printed = capsys.readouterr().out
-    assert "## random minus hog — finetune_mode=linear" in printed
+    assert "## random minus hog — finetune_mode=linear" in printed  # hog has no full runs: linear only
+    assert "## random (finetune_mode=full) minus hog (finetune_mode=linear)" in printed
     with (out / "comparisons.csv").open() as f:
-        compared = {r["metric"]: r for r in csv.DictReader(f)}
-    assert set(compared) == {"test.macro_f1", "test_video.macro_f1"}
-    assert float(compared["test.macro_f1"]["low"]) > 0  # 0.9 vs 0.3 accuracy: a clear difference
-    assert compared["test.macro_f1"]["n_runs_a"] == "2"
+        compared = {(r["mode_b"], r["metric"]): r for r in csv.DictReader(f)}
+    assert set(compared) == {(mode, metric) for mode in ("linear", "full")
+                             for metric in ("test.macro_f1", "test_video.macro_f1")}
+    assert float(compared["linear", "test.macro_f1"]["low"]) > 0  # 0.9 vs 0.3 accuracy: a clear difference
+    assert compared["linear", "test.macro_f1"]["n_runs_a"] == "2"
+    full = compared["full", "test.macro_f1"]
+    assert float(full["difference"]) < float(compared["linear", "test.macro_f1"]["difference"])
 
     assert main([str(tmp_path / "sweep"), "--out", str(out), "--compare", "hog", "ssl:byol"]) == 2
     assert "ssl:byol" in capsys.readouterr().err
+    assert main([str(tmp_path / "sweep"), "--out", str(out), "--compare", "hog@full", "random"]) == 2
+    assert "no label fraction where both have runs" in capsys.readouterr().err
 
 
 def test_patients_are_resampled_within_their_class(tmp_path):

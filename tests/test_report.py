@@ -13,7 +13,7 @@ import yaml
 
 from fetalssl.cli.report import main
 from fetalssl.report.collect import collect_sweep, expected_jobs_from_multirun
-from fetalssl.report.plots import read_confusion_matrix, sum_confusions
+from fetalssl.report.plots import metric_vs_fraction_figure, read_confusion_matrix, sum_confusions
 from fetalssl.report.tables import aggregate, make_labeller
 
 CLASSES = ["4CH", "LVOT", "RVOT", "3VV", "3VT"]
@@ -218,3 +218,21 @@ def test_cli_fails_clearly_without_metrics(tmp_path: Path, capsys):
 def test_cli_rejects_unknown_metric(sweep: Path, tmp_path: Path, capsys):
     assert main([str(sweep), "--out", str(tmp_path / "r"), "--metric", "auroc"]) == 2
     assert "test.auroc" in capsys.readouterr().err
+
+
+def test_plot_keeps_one_colour_per_init_across_modes():
+    """hog has linear runs only: the full panel must not shift every other init's colour, and the legend must
+    list hog too."""
+    from fetalssl.report.tables import Cell
+
+    cells = [Cell(label, fraction, mode, "test.macro_f1", (0.5, 0.6))
+             for mode in ("full", "linear") for label in ("hog", "random", "ssl:byol") for fraction in (0.01, 1.0)
+             if not (label == "hog" and mode == "full")]
+    fig = metric_vs_fraction_figure(cells, "test.macro_f1")
+    colours = {}
+    for ax in fig.axes:
+        for container in ax.containers:
+            colours.setdefault(container.get_label(), set()).add(container.lines[0].get_color())
+    assert set(colours) == {"hog", "random", "ssl:byol"}
+    assert all(len(c) == 1 for c in colours.values()) and len(set.union(*colours.values())) == 3
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["hog", "random", "ssl:byol"]

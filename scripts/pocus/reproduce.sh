@@ -23,14 +23,21 @@ LINEAR=(finetune_mode=linear finetune_mode.cache_features=true)
 FOUR_CLASSES=(data.root="$OUT/pocus_prepared/labels.csv" 'data.classes=[regular,pneumonia,covid,viral]')
 FULL=(finetune_mode=full trainer.max_epochs=6 +trainer.check_val_every_n_epoch=3 data.batch_size=16)
 
-sweep run_id=linear_3class "${LINEAR[@]}" init=random,hog
-sweep run_id=linear_3class "${LINEAR[@]}" "${SSL[@]}"
-sweep run_id=linear_4class "${LINEAR[@]}" "${FOUR_CLASSES[@]}" init=random,hog
-sweep run_id=linear_4class "${LINEAR[@]}" "${FOUR_CLASSES[@]}" "${SSL[@]}"
-sweep run_id=full_3class "${FULL[@]}" init=random
-sweep run_id=full_3class "${FULL[@]}" "${SSL[@]}"
+# HOG ignores finetune_mode: its runs sit with the linear probes and are compared across modes below.
+sweep run_id=3class/linear "${LINEAR[@]}" init=random,hog
+sweep run_id=3class/linear "${LINEAR[@]}" "${SSL[@]}"
+sweep run_id=3class/full "${FULL[@]}" init=random
+sweep run_id=3class/full "${FULL[@]}" "${SSL[@]}"
+sweep run_id=4class/linear "${LINEAR[@]}" "${FOUR_CLASSES[@]}" init=random,hog
+sweep run_id=4class/linear "${LINEAR[@]}" "${FOUR_CLASSES[@]}" "${SSL[@]}"
 
-for grid in linear_3class linear_4class full_3class; do
-  "$BIN/fetalssl-report" "$OUT/finetune_sweep/$grid" --metric macro_f1 balanced_accuracy \
-      test_video.macro_f1 test_video.balanced_accuracy
+# Tables, and every SSL init against HOG and against random init with a paired patient-bootstrap interval.
+for task in 3class 4class; do
+  compare=()
+  for method in barlowtwins simclr byol; do
+    compare+=(--compare hog@linear "ssl:$method" --compare random "ssl:$method")
+    [ "$task" = 3class ] && compare+=(--compare hog@linear "ssl:$method@full")
+  done
+  "$BIN/fetalssl-report" "$OUT/finetune_sweep/$task" --metric macro_f1 balanced_accuracy \
+      test_video.macro_f1 test_video.balanced_accuracy "${compare[@]}"
 done

@@ -5,9 +5,9 @@
 Writes results.csv (mean, sample std, n per cell and metric), runs.csv (one row per run), results.md
 (tables per finetune mode + missing/failed runs), <metric>_vs_fraction.png (f1_vs_fraction.png for
 macro-F1) and confusion_grid.png, and prints the Markdown to stdout. Each `--compare A B` (row labels as in
-the tables, e.g. `--compare hog ssl:barlowtwins`) adds B - A per mode and fraction with a paired bootstrap
-interval over the test patients (comparisons.csv and a section of results.md): is a difference larger than
-what the choice of test patients alone would give?
+the tables, e.g. `--compare hog ssl:barlowtwins`; `hog@linear ssl:barlowtwins@full` across modes) adds B - A
+per mode and fraction with a paired bootstrap interval over the test patients (comparisons.csv and a section
+of results.md): is a difference larger than what the choice of test patients alone would give?
 Exit status: 0 ok, 1 nothing usable found (no metrics.json, or no successful run), 2 bad arguments.
 """
 
@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fetalssl.report.bootstrap import compare, markdown_comparisons, write_comparisons_csv
+from fetalssl.report.bootstrap import compare, markdown_comparisons, split_side, write_comparisons_csv
 from fetalssl.report.collect import METRIC_SECTIONS, collect_sweep
 from fetalssl.report.plots import plot_confusion_grid, plot_metric_vs_fraction, sum_confusions
 from fetalssl.report.tables import (
@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"metrics to tabulate and plot; a bare name means test.<name> "
                              f"(default: {DEFAULT_METRIC}, plus {VIDEO_METRIC} when present)")
     parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
-                        help="init labels to compare (B - A), e.g. hog ssl:barlowtwins; repeatable")
+                        help="init labels to compare (B - A) within each finetune mode, e.g. hog ssl:barlowtwins, "
+                             "or across modes as LABEL@MODE, e.g. hog@linear ssl:barlowtwins@full; repeatable")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples per comparison")
     parser.add_argument("--cm-fraction", type=float, nargs="+", default=None,
                         help="label fractions shown in confusion_grid.png (default: all)")
@@ -89,17 +90,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     written = [out / "results.csv", out / "runs.csv", out / "results.md"]
     if args.compare:
         labeller, labels = make_labeller(results.ok), {c.label for c in cells}
-        unknown = sorted({label for pair in args.compare for label in pair} - labels)
+        unknown = sorted({split_side(side)[0] for pair in args.compare for side in pair} - labels)
         if unknown:
             print(f"fetalssl-report: error: --compare label(s) {', '.join(unknown)} not in the results; "
                   f"labels: {', '.join(sorted(labels))}", file=sys.stderr)
             return 2
-        try:
-            comparisons = [c for a, b in args.compare
-                           for c in compare(results.ok, labeller, a, b, metrics, args.resamples)]
-        except ValueError as err:
-            print(f"fetalssl-report: error: --compare: {err}", file=sys.stderr)
-            return 1
+        comparisons = []
+        for a, b in args.compare:
+            try:
+                found = compare(results.ok, labeller, a, b, metrics, args.resamples)
+            except ValueError as err:
+                print(f"fetalssl-report: error: --compare {a} {b}: {err}", file=sys.stderr)
+                return 1
+            if not found:
+                print(f"fetalssl-report: error: --compare {a} {b}: no label fraction where both have runs "
+                      f"(in the same finetune mode unless given as LABEL@MODE)", file=sys.stderr)
+                return 2
+            comparisons += found
         markdown += "\n" + markdown_comparisons(comparisons) + "\n"
         written.append(out / "comparisons.csv")
         write_comparisons_csv(comparisons, written[-1])

@@ -146,11 +146,13 @@ def paired_bootstrap(runs_a: Sequence[TestPredictions], runs_b: Sequence[TestPre
 
 @dataclass(frozen=True)
 class Comparison:
-    """B - A for one finetune mode, label fraction and metric ("test.macro_f1", "test_video.balanced_accuracy")."""
+    """B - A for one label fraction and metric ("test.macro_f1", "test_video.balanced_accuracy"); A and B are
+    runs of finetune modes mode_a and mode_b (the same mode unless asked otherwise)."""
 
     label_a: str
     label_b: str
-    mode: str
+    mode_a: str
+    mode_b: str
     fraction: float
     metric: str
     difference: Difference
@@ -158,30 +160,44 @@ class Comparison:
     n_runs_b: int
 
 
-def compare(records: Sequence, labeller: Callable, label_a: str, label_b: str, metrics: Sequence[str],
+def split_side(side: str) -> tuple[str, str | None]:
+    """"ssl:barlowtwins@full" -> ("ssl:barlowtwins", "full"); "hog" -> ("hog", None)."""
+    label, _, mode = side.partition("@")
+    return label, mode or None
+
+
+def compare(records: Sequence, labeller: Callable, side_a: str, side_b: str, metrics: Sequence[str],
             n_resamples: int = 2000) -> list[Comparison]:
-    """Paired bootstraps of B - A for every (mode, fraction) where both labels have runs, for each metric of
-    `metrics` that is a bootstrap score at frame ("test.") or video ("test_video.") level."""
+    """Paired bootstraps of B - A per label fraction, for each metric of `metrics` that is a bootstrap score at
+    frame ("test.") or video ("test_video.") level. A side is an init label, optionally "@mode": without modes A
+    and B are paired within every finetune mode; "hog@linear" vs "ssl:barlowtwins@full" pairs across modes (a
+    side without a mode takes the other side's)."""
     levels = {"test": lambda p: p, "test_video": per_video}
     wanted = [m for m in metrics if m.split(".", 1)[0] in levels and m.split(".", 1)[-1] in SCORES]
+    (label_a, mode_a), (label_b, mode_b) = split_side(side_a), split_side(side_b)
     runs: dict[tuple[str, str, float], list[Path]] = {}
     for record in records:
         key = (labeller(record.grid), str(record.grid["finetune_mode"]), float(record.grid["fraction"]))
         runs.setdefault(key, []).append(record.out_dir / PREDICTIONS_FILE)
+    if mode_a or mode_b:
+        mode_pairs = [(mode_a or mode_b, mode_b or mode_a)]
+    else:
+        mode_pairs = [(mode, mode) for mode in sorted({m for (_, m, _) in runs})]
     comparisons = []
-    for mode, fraction in sorted({(m, f) for (_, m, f) in runs}):
-        paths_a, paths_b = runs.get((label_a, mode, fraction)), runs.get((label_b, mode, fraction))
-        if not paths_a or not paths_b:
-            continue
-        frames_a = [read_test_predictions(p) for p in sorted(paths_a)]
-        frames_b = [read_test_predictions(p) for p in sorted(paths_b)]
-        for metric in wanted:
-            section, score = metric.split(".", 1)
-            to_level = levels[section]
-            difference = paired_bootstrap([to_level(r) for r in frames_a], [to_level(r) for r in frames_b], score,
-                                          n_resamples)
-            comparisons.append(Comparison(label_a, label_b, mode, fraction, metric, difference, len(paths_a),
-                                          len(paths_b)))
+    for mode_pair in mode_pairs:
+        for fraction in sorted({f for (_, _, f) in runs}):
+            paths_a, paths_b = runs.get((label_a, mode_pair[0], fraction)), runs.get((label_b, mode_pair[1], fraction))
+            if not paths_a or not paths_b:
+                continue
+            frames_a = [read_test_predictions(p) for p in sorted(paths_a)]
+            frames_b = [read_test_predictions(p) for p in sorted(paths_b)]
+            for metric in wanted:
+                section, score = metric.split(".", 1)
+                to_level = levels[section]
+                difference = paired_bootstrap([to_level(r) for r in frames_a], [to_level(r) for r in frames_b],
+                                              score, n_resamples)
+                comparisons.append(Comparison(label_a, label_b, *mode_pair, fraction, metric, difference,
+                                              len(paths_a), len(paths_b)))
     return comparisons
 
 
@@ -191,16 +207,18 @@ def _format_difference(d: Difference) -> str:
 
 
 def markdown_comparisons(comparisons: Sequence[Comparison]) -> str:
-    """One table per (A, B, mode): rows = metric, columns = fraction; bold where the interval excludes 0."""
+    """One table per (A, B, modes): rows = metric, columns = fraction; bold where the interval excludes 0."""
     parts = []
-    for label_a, label_b, mode in sorted({(c.label_a, c.label_b, c.mode) for c in comparisons}):
-        group = [c for c in comparisons if (c.label_a, c.label_b, c.mode) == (label_a, label_b, mode)]
+    for pair in sorted({(c.label_a, c.label_b, c.mode_a, c.mode_b) for c in comparisons}):
+        label_a, label_b, mode_a, mode_b = pair
+        group = [c for c in comparisons if (c.label_a, c.label_b, c.mode_a, c.mode_b) == pair]
         fractions = sorted({c.fraction for c in group})
         cell = {(c.metric, c.fraction): c for c in group}
-        n_patients = group[0].difference.n_patients
-        lines = [f"## {label_b} minus {label_a} — finetune_mode={mode}", "",
+        title = (f"{label_b} minus {label_a} — finetune_mode={mode_a}" if mode_a == mode_b
+                 else f"{label_b} (finetune_mode={mode_b}) minus {label_a} (finetune_mode={mode_a})")
+        lines = [f"## {title}", "",
                  f"Percent points: difference of the seed means on the test set [95% paired bootstrap interval, "
-                 f"test patients resampled within their class: {n_patients} patients, "
+                 f"test patients resampled within their class: {group[0].difference.n_patients} patients, "
                  f"{group[0].difference.n_resamples} resamples]; bold where the interval excludes 0.", "",
                  "| metric | " + " | ".join(f"{f * 100:g}%" for f in fractions) + " |",
                  "|---|" + "---:|" * len(fractions)]
@@ -215,9 +233,9 @@ def markdown_comparisons(comparisons: Sequence[Comparison]) -> str:
 def write_comparisons_csv(comparisons: Sequence[Comparison], path: Path) -> None:
     with Path(path).open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["a", "b", "mode", "fraction", "metric", "difference", "low", "high", "n_patients",
-                         "n_runs_a", "n_runs_b"])
+        writer.writerow(["a", "b", "mode_a", "mode_b", "fraction", "metric", "difference", "low", "high",
+                         "n_patients", "n_runs_a", "n_runs_b"])
         for c in comparisons:
             d = c.difference
-            writer.writerow([c.label_a, c.label_b, c.mode, repr(c.fraction), c.metric, repr(d.observed),
-                             repr(d.low), repr(d.high), d.n_patients, c.n_runs_a, c.n_runs_b])
+            writer.writerow([c.label_a, c.label_b, c.mode_a, c.mode_b, repr(c.fraction), c.metric,
+                             repr(d.observed), repr(d.low), repr(d.high), d.n_patients, c.n_runs_a, c.n_runs_b])

@@ -29,21 +29,29 @@ MAX_ANNOTATED_CLASSES = 10
 
 
 def plot_metric_vs_fraction(cells: Sequence[Cell], metric: str, path: Path) -> None:
+    metric_vs_fraction_figure(cells, metric).savefig(path, dpi=120)
+
+
+def metric_vs_fraction_figure(cells: Sequence[Cell], metric: str) -> Figure:
     """One panel per finetune mode; one line per init label, mean ± sample std over seeds; log x axis."""
     cells = [c for c in cells if c.metric == metric]
     if not cells:
         raise ValueError(f"no values for metric {metric!r} to plot")
     modes = sorted({c.mode for c in cells})
     fractions = sorted({c.fraction for c in cells})
+    labels = sorted({c.label for c in cells})
+    # One colour per init across all panels (an init may be missing from a mode, e.g. hog from full).
+    colour = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     fig = Figure(figsize=(4.5 * len(modes) + 1.5, 4), layout="constrained")
     axes = fig.subplots(1, len(modes), squeeze=False, sharey=True)[0]
+    handles = {}
     for ax, mode in zip(axes, modes, strict=True):
         mode_cells = [c for c in cells if c.mode == mode]
         for label in sorted({c.label for c in mode_cells}):
             line = sorted((c for c in mode_cells if c.label == label), key=lambda c: c.fraction)
-            ax.errorbar([c.fraction for c in line], [c.mean * 100 for c in line],
-                        yerr=[0.0 if math.isnan(c.std) else c.std * 100 for c in line],
-                        marker="o", capsize=3, label=label)
+            handles[label] = ax.errorbar([c.fraction for c in line], [c.mean * 100 for c in line],
+                                         yerr=[0.0 if math.isnan(c.std) else c.std * 100 for c in line],
+                                         marker="o", capsize=3, label=label, color=colour[label])
         ax.set_xscale("log")
         ax.set_xticks(fractions, [format_fraction(f) for f in fractions])
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -51,8 +59,8 @@ def plot_metric_vs_fraction(cells: Sequence[Cell], metric: str, path: Path) -> N
         ax.set_title(f"finetune_mode={mode}")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel(f"{metric} (%)")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="small")
-    fig.savefig(path, dpi=120)
+    fig.legend([handles[label] for label in labels], labels, loc="outside right upper", fontsize="small")
+    return fig
 
 
 def read_confusion_matrix(path: Path) -> tuple[list[str], np.ndarray]:
