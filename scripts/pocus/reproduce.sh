@@ -30,13 +30,14 @@ sweep run_id=3class/full "${FULL[@]}" init=random
 sweep run_id=3class/full "${FULL[@]}" "${SSL[@]}"
 sweep run_id=4class/linear "${LINEAR[@]}" "${FOUR_CLASSES[@]}" init=random,hog
 sweep run_id=4class/linear "${LINEAR[@]}" "${FOUR_CLASSES[@]}" "${SSL[@]}"
+sweep run_id=4class/full "${FULL[@]}" "${FOUR_CLASSES[@]}" init=random
+sweep run_id=4class/full "${FULL[@]}" "${FOUR_CLASSES[@]}" "${SSL[@]}"
 
 # Tables, and every SSL init against HOG and against random init with a paired patient-bootstrap interval.
 for task in 3class 4class; do
   compare=()
   for method in barlowtwins simclr byol; do
-    compare+=(--compare hog@linear "ssl:$method" --compare random "ssl:$method")
-    [ "$task" = 3class ] && compare+=(--compare hog@linear "ssl:$method@full")
+    compare+=(--compare hog@linear "ssl:$method" --compare hog@linear "ssl:$method@full" --compare random "ssl:$method")
   done
   "$BIN/fetalssl-report" "$OUT/finetune_sweep/$task" --metric macro_f1 balanced_accuracy \
       test_video.macro_f1 test_video.balanced_accuracy "${compare[@]}"
