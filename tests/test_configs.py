@@ -61,3 +61,37 @@ def test_paper_grid_is_the_papers_540_runs_with_one_label_per_init():
         "autoencoder", "inpainting", "simclr", "moco", "byol", "barlowtwins", "vicreg"}
     assert [c for c in choices("data_fraction")] and {float(composed("finetune", [f"data_fraction={f}",
         "data.root=/d"]).data.fraction) for f in params["data_fraction"]} == {0.01, 0.05, 0.1, 0.25, 0.5, 1.0}
+
+
+def test_pocus_reproduction_script_commands_compose(tmp_path):
+    """Run scripts/pocus/reproduce.sh with stub console scripts that only record their arguments; every training
+    run and the first point of every sweep must compose and resolve, and every report must compare real inits."""
+    import subprocess
+
+    log = tmp_path / "calls.txt"
+    for name in ("fetalssl-extract-frames", "fetalssl-train", "fetalssl-finetune", "fetalssl-report"):
+        stub = tmp_path / "bin" / name
+        stub.parent.mkdir(exist_ok=True)
+        stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\x1f" {name} "$@" >> {log}\necho >> {log}\n')
+        stub.chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "pocus" / "reproduce.sh"
+    subprocess.run(["bash", str(script), str(tmp_path / "out")], check=True, env={"BIN": str(tmp_path / "bin"),
+                                                                                    "PATH": "/usr/bin:/bin"})
+    calls = [line.rstrip("\x1f").split("\x1f") for line in log.read_text().splitlines() if line]
+    assert [c[0] for c in calls].count("fetalssl-train") == 3 and [c[0] for c in calls].count("fetalssl-finetune") == 8
+
+    def first_point(override: str) -> str:  # a sweep "key=a,b" -> "key=a"; list values "[a,b]" are kept
+        key, _, value = override.partition("=")
+        return override if value.startswith("[") else f"{key}={value.split(',')[0]}"
+
+    for name, *args in calls:
+        if name == "fetalssl-train":
+            cfg = composed("train", args)
+            assert cfg.data.manifest.endswith("pocus_prepared/pretrain_manifest.csv")
+        elif name == "fetalssl-finetune":
+            assert args[0] == "-m"
+            cfg = composed("finetune", [first_point(a) for a in args[1:]])
+            assert cfg.data.classes[:3] == ["regular", "pneumonia", "covid"] and cfg.data.image_size == 64
+        elif name == "fetalssl-report":
+            compared = {side.split("@")[0] for i, a in enumerate(args) if a == "--compare" for side in args[i + 1:i + 3]}
+            assert compared == {"hog", "random", "ssl:barlowtwins", "ssl:simclr", "ssl:byol"}
