@@ -96,24 +96,32 @@ def video_labels(labels_csv: Path) -> dict[str, str] | None:
         return {row["image_path"]: row["video"] for row in reader}
 
 
+def mean_per_video(videos: Sequence[str], targets: np.ndarray, probs: np.ndarray,
+                   source: str) -> tuple[list[str], list[np.ndarray], np.ndarray, np.ndarray]:
+    """(video names, frame rows of each, video labels, video probabilities = mean of the frames'): a video's
+    prediction is the argmax of its frames' mean probabilities. Raises if a video's frames disagree on the label."""
+    names = sorted(set(videos))
+    rows = [np.flatnonzero(np.asarray(videos) == name) for name in names]
+    for name, r in zip(names, rows, strict=True):
+        if len(set(targets[r].tolist())) > 1:
+            raise ValueError(f"{source}: video {name} has frames of several labels")
+    return names, rows, np.array([targets[r[0]] for r in rows]), np.stack([probs[r].mean(0) for r in rows])
+
+
 def video_metrics_from_predictions(path: Path, video_of: dict[str, str], classes: Sequence[str]) -> dict:
     """metrics.json section at video level: mean frame probabilities per video, argmax, same metrics."""
     index = {c: i for i, c in enumerate(classes)}
-    probs: dict[str, list[np.ndarray]] = {}
-    label: dict[str, int] = {}
     with Path(path).open(newline="") as f:
-        for row in csv.DictReader(f):
-            video = video_of.get(row["image_path"])
-            if video is None:
-                raise ValueError(f"{path}: {row['image_path']} has no video in the labels CSV")
-            if label.setdefault(video, index[row["label"]]) != index[row["label"]]:
-                raise ValueError(f"{path}: video {video} has frames of several labels")
-            probs.setdefault(video, []).append(np.array([float(row[f"prob_{c}"]) for c in classes]))
-    videos = sorted(probs)
-    targets = torch.tensor([label[v] for v in videos], dtype=torch.long)
-    preds = torch.tensor([int(np.mean(probs[v], axis=0).argmax()) for v in videos], dtype=torch.long)
-    summary = summarize(compute_metrics(targets, preds, classes), classes)
-    summary["n_videos"] = len(videos)
+        rows = list(csv.DictReader(f))
+    missing = [r["image_path"] for r in rows if r["image_path"] not in video_of]
+    if missing:
+        raise ValueError(f"{path}: {missing[0]} has no video in the labels CSV")
+    names, _, targets, probs = mean_per_video(
+        [video_of[r["image_path"]] for r in rows], np.array([index[r["label"]] for r in rows]),
+        np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows]), str(path))
+    summary = summarize(compute_metrics(torch.from_numpy(targets), torch.from_numpy(probs.argmax(1)), classes),
+                        classes)
+    summary["n_videos"] = len(names)
     return summary
 
 

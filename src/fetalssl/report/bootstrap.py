@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fetalssl.finetune.metrics import mean_per_video
+
 PREDICTIONS_FILE = "predictions.csv"
 PROB_PREFIX = "prob_"
 
@@ -57,15 +59,13 @@ def read_test_predictions(path: Path) -> TestPredictions:
 
 
 def per_video(frames: TestPredictions) -> TestPredictions:
-    """Video-level rows: a video's probabilities are the mean of its frames' (as in metrics.json's test_video)."""
+    """Video-level rows, computed as metrics.json's test_video is (finetune.metrics.mean_per_video)."""
     if not frames.videos.size or (frames.videos == "").any():
         raise ValueError("video-level scores need the video of every frame (a labels CSV with a video column)")
-    videos = sorted(set(frames.videos.tolist()))
-    rows = [np.flatnonzero(frames.videos == v) for v in videos]
-    return TestPredictions(
-        keys=tuple(videos), patients=np.array([frames.patients[r[0]] for r in rows]),
-        targets=np.array([frames.targets[r[0]] for r in rows]),
-        probs=np.stack([frames.probs[r].mean(0) for r in rows]), videos=np.array(videos))
+    names, rows, targets, probs = mean_per_video(frames.videos.tolist(), frames.targets, frames.probs,
+                                                 "predictions.csv")
+    return TestPredictions(keys=tuple(names), patients=np.array([frames.patients[r[0]] for r in rows]),
+                           targets=targets, probs=probs, videos=np.array(names))
 
 
 def _confusion(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
@@ -191,11 +191,11 @@ def compare(records: Sequence, labeller: Callable, side_a: str, side_b: str, met
                 continue
             frames_a = [read_test_predictions(p) for p in sorted(paths_a)]
             frames_b = [read_test_predictions(p) for p in sorted(paths_b)]
+            at_level = {section: ([to_level(r) for r in frames_a], [to_level(r) for r in frames_b])
+                        for section, to_level in levels.items() if any(m.startswith(section + ".") for m in wanted)}
             for metric in wanted:
                 section, score = metric.split(".", 1)
-                to_level = levels[section]
-                difference = paired_bootstrap([to_level(r) for r in frames_a], [to_level(r) for r in frames_b],
-                                              score, n_resamples)
+                difference = paired_bootstrap(*at_level[section], score, n_resamples)
                 comparisons.append(Comparison(label_a, label_b, *mode_pair, fraction, metric, difference,
                                               len(paths_a), len(paths_b)))
     return comparisons
