@@ -173,11 +173,14 @@ def test_cached_features_give_the_same_head_update_as_the_image_loop(tmp_path):
     cached.head.load_state_dict(loop.head.state_dict())
     features = CachedFeatureDataModule.from_images(backbone, images, torch.device("cpu"))
     assert len(features.features["train"][0]) == len(images.rows("train"))
+    initial = loop.head[-1].weight.detach().clone()
     tiny_trainer(max_steps=1, limit_val_batches=0).fit(loop, images.train_dataloader())
     tiny_trainer(max_steps=1, limit_val_batches=0).fit(cached, features.train_dataloader())
-    assert not torch.equal(loop.head[-1].weight, classifier("none").head[-1].weight)
-    torch.testing.assert_close(cached.head[-1].weight, loop.head[-1].weight, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(cached.head[-1].bias, loop.head[-1].bias, atol=1e-6, rtol=1e-5)
+    # Adam's first step moves every weight by ~lr (1e-2); the two paths agree 1000x more closely than that. The
+    # features differ only by float rounding between two backbone passes (seen once at 1e-6).
+    assert (loop.head[-1].weight - initial).abs().max() > 1e-3
+    torch.testing.assert_close(cached.head[-1].weight, loop.head[-1].weight, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cached.head[-1].bias, loop.head[-1].bias, atol=1e-5, rtol=1e-4)
 
 
 # ---- whole run ------------------------------------------------------------------------------------------
