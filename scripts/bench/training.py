@@ -149,6 +149,8 @@ def main() -> None:
                              "slow drift of the machine hits all modes alike); ratios are paired per repeat")
     parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)  # child process: one mode, JSON out
     args = parser.parse_args()
+    if not 1 <= args.warmup < args.steps:
+        parser.error("--warmup must be in [1, --steps): the first step is timed from the end of step `warmup`")
     logging.basicConfig(level=logging.WARNING)
     if args.one:
         print(json.dumps(measure(args.one, args.overrides, args.steps, args.warmup)))
