@@ -46,7 +46,7 @@ def datamodule(source, **overrides) -> DownstreamDataModule:
     kwargs = dict(root=source, classes=CLASSES, patient_pattern=r"^([^_]+)_", image_extensions=[".png"],
                   val_fraction=0.2, test_fraction=0.2, split_seed=0, fraction=1.0, fraction_seed=0,
                   image_size=SIZE, channels=3, mean=0.5, std=0.25, train_transform=eval_transform(),
-                  eval_transform=eval_transform(), batch_size=8, num_workers=0)
+                  eval_transform=eval_transform(), batch_size=8, num_workers=0, seed=0)
     return DownstreamDataModule(**{**kwargs, **overrides})
 
 

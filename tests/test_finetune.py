@@ -1,6 +1,7 @@
 """Fine-tuning: frozen/partial/full modes, cached-feature probe, init resolution and the run's files."""
 
 import csv
+import hashlib
 import json
 import os
 import time
@@ -13,6 +14,7 @@ import pytest
 import timm
 import torch
 import yaml
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from sklearn.metrics import balanced_accuracy_score, f1_score
 from torch.utils.data import DataLoader, TensorDataset
@@ -24,6 +26,7 @@ from fetalssl.finetune.init import build_backbone, find_ssl_checkpoint
 from fetalssl.finetune.metrics import metrics_from_predictions
 from fetalssl.finetune.modes import last_stage_name, set_trainable
 from fetalssl.finetune.run import run_finetune
+from fetalssl.predict.model import load_run
 
 CONF = Path(__file__).resolve().parents[1] / "src" / "fetalssl" / "conf"
 CLASSES = ["4CH", "LVOT", "RVOT", "3VV", "3VT"]
@@ -53,7 +56,7 @@ def finetune_cfg(source: Path, mode: str = "linear", **trainer):
         "seed": 0,
         "data": OmegaConf.load(CONF / "data" / "labelled.yaml"),
         "backbone": {"_target_": "fetalssl.models.backbones.create_backbone", "name": "resnet18",
-                     "in_chans": "${data.channels}", "pretrained_path": None, "zero_init_last": False},
+                     "in_chans": "${data.channels}", "pretrained_path": None, "zero_init_last": False, "trust_pickle": False},
         "init": OmegaConf.load(CONF / "init" / "random.yaml"),
         "finetune_mode": OmegaConf.load(CONF / "finetune_mode" / f"{mode}.yaml"),
         "feature_cache_dir": None,
@@ -83,7 +86,8 @@ def random_batches(n=16, seed=0):
 def classifier(trainable: str, backbone=None, **kwargs) -> PlaneClassifier:
     backbone = backbone or timm.create_model("resnet18", num_classes=0, pretrained=False)
     args = dict(num_features=getattr(backbone, "num_features", None), classes=CLASSES, trainable=trainable, head_lr=1e-2,
-                backbone_lr=1e-2, weight_decay=0.01, warmup_fraction=0.0, head_dropout=0.0, feature_norm=False)
+                backbone_lr=1e-2, weight_decay=0.01, warmup_fraction=0.0, head_dropout=0.0, feature_norm=False,
+                class_weights=None, init_weights=None)
     return PlaneClassifier(backbone, **{**args, **kwargs})
 
 
@@ -167,7 +171,7 @@ def test_cached_features_give_the_same_head_update_as_the_image_loop(tmp_path):
 
     images = instantiate(cfg.data, train_transform=instantiate(cfg.data.eval_transform), batch_size=1000)
     images.setup()
-    backbone = build_backbone(cfg.backbone, cfg.init)
+    backbone, _ = build_backbone(cfg.backbone, cfg.init)
     loop = classifier("none", backbone=backbone)
     cached = classifier("none", backbone=torch.nn.Identity(), num_features=backbone.num_features)
     cached.head.load_state_dict(loop.head.state_dict())
@@ -304,10 +308,12 @@ def test_ssl_init_loads_the_pretrained_weights(tmp_path):
     path = _pretrain_run(tmp_path / "pretrain" / "barlowtwins" / "r", "barlowtwins")
     state = torch.load(path)
     backbone_cfg = OmegaConf.create({"_target_": "fetalssl.models.backbones.create_backbone", "name": "resnet18",
-                                     "in_chans": 3, "pretrained_path": None, "zero_init_last": False})
+                                     "in_chans": 3, "pretrained_path": None, "zero_init_last": False, "trust_pickle": False})
     init = OmegaConf.load(CONF / "init" / "ssl.yaml")
     init.update(ssl_dir=str(tmp_path), method="barlowtwins")
-    loaded = build_backbone(backbone_cfg, init).state_dict()
+    backbone, record = build_backbone(backbone_cfg, init)
+    loaded = backbone.state_dict()
+    assert record == {"init": "ssl", "path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     assert all(torch.equal(loaded[k], state[k]) for k in state)
     init.update(ssl_dir=None, method=None)
     with pytest.raises(ValueError, match="needs init.checkpoint"):
@@ -320,8 +326,9 @@ def test_ssl_init_loads_the_pretrained_weights(tmp_path):
 
 def test_random_init_keeps_last_bn_weight_at_one():
     backbone_cfg = OmegaConf.create({"_target_": "fetalssl.models.backbones.create_backbone", "name": "resnet18",
-                                     "in_chans": 1, "pretrained_path": None, "zero_init_last": True})
-    backbone = build_backbone(backbone_cfg, OmegaConf.load(CONF / "init" / "random.yaml"))
+                                     "in_chans": 1, "pretrained_path": None, "zero_init_last": True, "trust_pickle": False})
+    backbone, record = build_backbone(backbone_cfg, OmegaConf.load(CONF / "init" / "random.yaml"))
+    assert record is None
     assert torch.all(backbone.layer1[0].bn2.weight == 1)  # init/random.yaml overrides the backbone's choice
 
 
@@ -389,3 +396,69 @@ def test_caching_features_leaves_the_global_rng_untouched(tmp_path):
     after_caching = torch.rand(3)
     torch.manual_seed(0)
     assert torch.equal(after_caching, torch.rand(3))
+
+
+def test_run_records_its_init_weights_and_predict_uses_exactly_that_file(tmp_path):
+    weights = _pretrain_run(tmp_path / "pretrain" / "barlowtwins" / "r", "barlowtwins")
+    cfg = finetune_cfg(make_images(tmp_path / "data"))
+    cfg.finetune_mode.cache_features = True  # head-only checkpoint: predict must rebuild the backbone
+    cfg.init = OmegaConf.load(CONF / "init" / "ssl.yaml")
+    cfg.init.update(ssl_dir=str(tmp_path / "pretrain"), method="barlowtwins")
+    out = tmp_path / "run"
+    result = run_finetune(cfg, out)
+    record = {"init": "ssl", "path": str(weights.resolve()), "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert json.loads((out / "metrics.json").read_text())["init_weights"] == record
+    assert torch.load(out / "checkpoints" / "best.ckpt", weights_only=True)["init_weights"] == record
+    (out / ".hydra").mkdir()
+    # A newer run of the same method appears under ssl_dir: a new ssl_dir search would pick it, predict must not.
+    newer = _pretrain_run(tmp_path / "pretrain" / "barlowtwins" / "s", "barlowtwins")
+    cfg.init.on_multiple = "latest"
+    OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
+    model, _ = load_run(out)
+    expected = torch.load(weights, weights_only=True)
+    assert all(torch.equal(model.backbone.state_dict()[k], v) for k, v in expected.items())
+    assert not torch.equal(torch.load(newer, weights_only=True)["conv1.weight"], expected["conv1.weight"])
+    x = torch.randn(3, 3, SIZE, SIZE)
+    assert model(x).shape == (3, 5) and result["status"] == "ok"
+
+    changed = {k: v + 1 if v.is_floating_point() else v for k, v in expected.items()}
+    torch.save(changed, weights)
+    now = hashlib.sha256(weights.read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match=f"changed since the run.*{record['sha256']}.*{now}"):
+        load_run(out)
+
+
+def _full_run(tmp_path, name, seed, num_workers):
+    cfg = finetune_cfg(tmp_path / "data" / "labels.csv", "full")
+    cfg.seed = seed
+    cfg.data.update(num_workers=num_workers, seed="${seed}", fraction_seed="${seed}")
+    result = run_finetune(cfg, tmp_path / name)
+    weights = torch.load(tmp_path / name / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    return result, weights
+
+
+def test_same_command_same_weights_and_metrics_with_any_worker_count_and_another_seed_differs(tmp_path):
+    make_images(tmp_path / "data")
+    # Full fine-tuning with the YAML's training augmentation (random crop, affine, brightness): every source.
+    runs = {(seed, workers): _full_run(tmp_path, f"s{seed}w{workers}", seed, workers)
+            for seed, workers in [(0, 0), (0, 2), (1, 0)]}
+    ref, ref_w = _full_run(tmp_path, "again", 0, 0)
+    for key in [(0, 0), (0, 2)]:
+        result, weights = runs[key]
+        assert result["logged_test"] == ref["logged_test"], key
+        assert result["val"] == ref["val"] and result["test"] == ref["test"], key
+        assert all(torch.equal(weights[k], ref_w[k]) for k in ref_w), key
+    other, other_w = runs[(1, 0)]
+    assert any(not torch.equal(other_w[k], ref_w[k]) for k in ref_w if ref_w[k].is_floating_point())
+
+
+def test_training_augmentation_is_seeded_per_image_and_epoch(tmp_path):
+    dm = instantiate(finetune_cfg(make_images(tmp_path / "data")).data, output_dir=None)
+    dm.setup()
+    train = dm.dataset("train", augment=True)
+    assert torch.equal(train[(3, 1)][0], train[(3, 1)][0])  # same image, same epoch: same augmentation
+    assert not torch.equal(train[(3, 1)][0], train[(3, 2)][0])  # a new epoch draws a new one
+    sampler = dm.loader("train", train=True).sampler
+    first, second = list(sampler), list(sampler)  # Lightning iterates the one train loader once per epoch
+    assert [e for _, e in first] == [0] * len(first) and [e for _, e in second] == [1] * len(second)
+    assert sorted(i for i, _ in first) == list(range(len(train))) and first != second

@@ -12,13 +12,20 @@ from torch import nn
 
 import fetalssl
 from fetalssl.methods.inpainting import random_rectangle_mask
-from fetalssl.models.backbones import create_backbone, input_channels
+from fetalssl.models.backbones import create_backbone as _create_backbone
+from fetalssl.models.backbones import input_channels
 from fetalssl.models.decoders import ConvDecoder
 from fetalssl.models.ema import cosine_tau, ema_update, frozen_copy
 from fetalssl.models.heads import MLP
 from fetalssl.models.optim import LARS, parameter_groups, scaled_lr, warmup_cosine
 
 CONF = Path(fetalssl.__file__).parent / "conf"
+
+
+def create_backbone(name, in_chans, **kwargs):
+    """The factory with conf/backbone's values for the keys a test does not set."""
+    return _create_backbone(name, in_chans, **{"pretrained_path": None, "zero_init_last": False,
+                                               "trust_pickle": False, **kwargs})
 
 
 @pytest.mark.parametrize("config, dim", [("resnet18", 512), ("resnet50", 2048), ("convnext_tiny", 768),
@@ -72,6 +79,24 @@ def test_load_weights_lists_missing_and_unexpected_keys(tmp_path):
         create_backbone("resnet18", 1, pretrained_path=str(tmp_path / "nope.pt"))
 
 
+class _Payload:
+    """What a malicious weight file could carry: unpickling it calls os.system-like code."""
+
+    def __reduce__(self):
+        return (print, ("unpickled code ran",))
+
+
+def test_weight_files_load_as_tensors_only_unless_trusted(tmp_path, capsys):
+    state = create_backbone("resnet18", 1).state_dict()
+    torch.save({"state_dict": state, "payload": _Payload()}, tmp_path / "legacy.ckpt")
+    with pytest.raises(ValueError, match=r"legacy\.ckpt.*backbone\.trust_pickle=true"):
+        create_backbone("resnet18", 1, pretrained_path=str(tmp_path / "legacy.ckpt"))
+    assert "unpickled code ran" not in capsys.readouterr().out
+    loaded = create_backbone("resnet18", 1, pretrained_path=str(tmp_path / "legacy.ckpt"), trust_pickle=True)
+    assert "unpickled code ran" in capsys.readouterr().out  # the explicit switch is what lets it run
+    assert torch.equal(loaded.conv1.weight, state["conv1.weight"])
+
+
 def test_mlp_layout():
     mlp = MLP(in_dim=10, hidden_dims=[16, 16], out_dim=4, hidden_bn=True, last_bn=True)
     kinds = [type(m).__name__ for m in mlp]
@@ -109,6 +134,16 @@ def test_parameter_groups_exclude_bias_norm_and_frozen():
     assert [p.shape for p in decay["params"]] == [(3, 4)]
     assert len(no_decay["params"]) == 3  # linear bias, bn weight, bn bias
     assert no_decay["weight_decay"] == 0.0 and no_decay["lars_exclude"] and not decay["lars_exclude"]
+
+
+def test_vit_position_embedding_and_class_token_get_no_decay_nor_lars_inside_a_method():
+    vit = create_backbone("vit_tiny_patch16_224", in_chans=1, img_size=32)
+    wrapper = nn.ModuleDict({"backbone": vit, "head": nn.Linear(vit.num_features, 4)})  # as an SSL method holds it
+    decay, no_decay = parameter_groups([wrapper])
+    exempt = {id(vit.pos_embed), id(vit.cls_token)}
+    assert exempt <= {id(p) for p in no_decay["params"]}
+    assert not exempt & {id(p) for p in decay["params"]}
+    assert all(p.ndim > 1 for p in decay["params"]) and id(wrapper["head"].weight) in {id(p) for p in decay["params"]}
 
 
 def test_lars_update_numbers():

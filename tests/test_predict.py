@@ -40,7 +40,7 @@ def make_run_dir(root: Path, image_size: int = 32, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     backbone = instantiate(cfg.backbone)
     model = PlaneClassifier(backbone, backbone.num_features, list(cfg.data.classes), "all", 1e-3, 1e-3, 0.0,
-                            0.0, 0.0, False)
+                            0.0, 0.0, False, None, None)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -105,7 +105,7 @@ def test_checkpoint_predictor_matches_the_lightning_classifier(run_dir):
     model, meta = load_run(run_dir)
     state = torch.load(run_dir / RUN_CHECKPOINT, weights_only=True)["state_dict"]
     classifier = PlaneClassifier(instantiate(OmegaConf.load(run_dir / RUN_CONFIG).backbone, in_chans=3), 512,
-                                 meta.classes, "all", 1e-3, 1e-3, 0.0, 0.0, 0.0, False)
+                                 meta.classes, "all", 1e-3, 1e-3, 0.0, 0.0, 0.0, False, None, None)
     classifier.load_state_dict(state)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():

@@ -2,6 +2,7 @@
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import albumentations as A
 import lightning as L
@@ -10,8 +11,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from lightning.fabric.utilities.data import _set_sampler_epoch
-from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from omegaconf import OmegaConf
+from torch.utils.data import DistributedSampler
 
 from fetalssl.data.index import find_videos, index_videos, read_manifest
 from fetalssl.data.pairs import SameFramePairs, TemporalPairs
@@ -179,15 +180,21 @@ def test_workers_give_identical_samples_and_epochs_differ(video_root, tmp_path):
     torch.testing.assert_close(val_epoch0, batches(val_loader))
 
 
-def test_epoch_reaches_dataset_through_ddp_wrapper(video_root, tmp_path):
-    dm = make_dm(video_root, tmp_path)
-    sampler = dm.train_dataloader().sampler
-    shards = [DistributedSamplerWrapper(sampler, num_replicas=2, rank=r, shuffle=False) for r in (0, 1)]
-    for shard in shards:
+def test_epoch_reaches_dataset_through_the_ddp_shard_on_any_lightning(video_root, tmp_path):
+    # The datamodule's own DDP path (world size 2), not Lightning's wrapper, so no Lightning version can break it.
+    shards = []
+    for rank in (0, 1):
+        dm = make_dm(video_root, tmp_path)
+        dm.trainer = SimpleNamespace(world_size=2, distributed_sampler_kwargs={"num_replicas": 2, "rank": rank})
+        shard = dm.train_dataloader().sampler
+        assert isinstance(shard, DistributedSampler)  # so Lightning never wraps it again
         shard.set_epoch(5)
-    assert dm.train_set.epoch == 5
-    indices = [list(shard) for shard in shards]
-    assert not set(indices[0]) & set(indices[1]) and len(indices[0]) + len(indices[1]) == len(dm.train_set)
+        assert dm.train_set.epoch == 5 and shard.epoch == 5
+        shards.append(list(shard))
+    assert not set(shards[0]) & set(shards[1]) and len(shards[0]) + len(shards[1]) == len(dm.train_set) // 2 * 2
+    # epoch 5's order, interleaved: rank r holds positions r, r + 2, ...
+    order = np.random.default_rng([dm.seed, 5]).permutation(len(dm.train_set)).tolist()
+    assert shards[0] == order[0::2][: len(shards[0])] and shards[1] == order[1::2][: len(shards[1])]
 
 
 def test_config_instantiates_and_bad_videos_are_skipped(video_root, tmp_path, caplog):

@@ -10,9 +10,9 @@ from hydra import compose, initialize_config_module
 from submitit.slurm.slurm import _make_sbatch_string
 from torch.utils.data import Dataset
 
-from fetalssl.cli.common import resolve_ckpt_path
-from fetalssl.data.pretrain import EpochSampler, ResumableDataLoader, interleaved_shard
+from fetalssl.data.pretrain import EpochSampler, InterleavedShard, ResumableDataLoader
 from fetalssl.loggers import AppendingCSVLogger
+from fetalssl.runtime import resolve_ckpt_path
 
 
 class _Indices(Dataset):
@@ -61,7 +61,7 @@ def test_two_shards_of_batch_b_hold_the_samples_of_one_batch_2b():
     one = list(_loader(_Indices(30)))  # batch 4
     two = _Indices(30)
     shards = [ResumableDataLoader(dataset=two, batch_size=2, drop_last=True,
-                                  sampler=interleaved_shard(EpochSampler(two, True, seed=3), num_replicas=2, rank=r))
+                                  sampler=InterleavedShard(EpochSampler(two, True, seed=3), num_replicas=2, rank=r))
               for r in range(2)]
     for shard in shards:
         shard.sampler.set_epoch(0)
@@ -105,7 +105,7 @@ def _train_cfg(*overrides: str):
 
 
 def test_slurm_launcher_asks_for_the_resources_of_the_trainer_config(tmp_path):
-    import fetalssl.cli.common  # noqa: F401  (registers the gpus_per_node resolver, as the CLI does)
+    import fetalssl.runtime  # noqa: F401  (registers the gpus_per_node resolver)
 
     cfg = _train_cfg("launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
                      "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=60")
@@ -125,7 +125,7 @@ def test_slurm_launcher_asks_for_the_resources_of_the_trainer_config(tmp_path):
 
 
 def test_simulated_slurm_task_gets_its_rank_from_slurm_variables(monkeypatch, tmp_path):
-    from fetalssl.cli.common import build_trainer
+    from fetalssl.runtime import build_trainer
 
     env = {"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
            "SLURM_NODEID": "1", "SLURM_JOB_NAME": "fetalssl", "SLURM_JOB_ID": "77", "SLURM_NODELIST": "n[1-2]"}

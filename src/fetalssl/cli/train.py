@@ -11,7 +11,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from fetalssl.cli.common import build_trainer, resolve_ckpt_path, save_torch
+from fetalssl.io import save_torch
+from fetalssl.runtime import build_trainer, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 

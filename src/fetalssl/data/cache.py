@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,12 +22,12 @@ import numpy as np
 
 from fetalssl.data.index import VideoRecord
 from fetalssl.data.video import VideoReadError, read_frames
+from fetalssl.io import TMP_SUFFIX, atomic_write
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 FRAMES_DIR = "frames"
-TMP_SUFFIX = ".tmp"
 FORMAT_VERSION = 1
 
 
@@ -80,18 +80,6 @@ def entry_key(source: Path, short_side: int | None, stride: int, rgb: bool) -> s
     return hashlib.sha1(text.encode()).hexdigest()[:20]
 
 
-def _atomic_write(path: Path, write: Callable[[object], None]) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def load_index(cache_dir: Path) -> dict[str, dict]:
     path = Path(cache_dir) / INDEX_NAME
     if not path.exists():
@@ -108,7 +96,7 @@ def load_index(cache_dir: Path) -> dict[str, dict]:
 
 def _write_index(cache_dir: Path, entries: dict[str, dict]) -> None:
     payload = json.dumps({"version": FORMAT_VERSION, "entries": entries}, indent=1).encode()
-    _atomic_write(cache_dir / INDEX_NAME, lambda f: f.write(payload))
+    atomic_write(cache_dir / INDEX_NAME, lambda f: f.write(payload))
 
 
 def _is_fresh(entry: dict | None, stat: os.stat_result, cache_dir: Path) -> bool:
@@ -165,7 +153,7 @@ def build_cache(
                 _skip(summary, record.path, str(e).removeprefix(f"{record.path}: "))
                 continue
             entry_file = f"{FRAMES_DIR}/{key}.npy"
-            _atomic_write(cache_dir / entry_file, lambda f, a=frames: np.save(f, a))
+            atomic_write(cache_dir / entry_file, lambda f, a=frames: np.save(f, a))
             entries[key] = {
                 "source": str(record.path.resolve()),
                 "size": stat.st_size,

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import albumentations as A
 import cv2
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fetalssl.data.splits import (
     LABELS_CSV,
@@ -44,9 +45,14 @@ def load_grayscale(path: Path) -> np.ndarray:
 
 
 class LabelledImageDataset(Dataset):
-    def __init__(self, rows: Sequence[LabelledImage], classes: Sequence[str], transform: Callable,
-                 channels: int, mean: float, std: float, image_size: int):
+    """Item ``i`` or ``(i, epoch)``: (normalised image, class index). The transform is seeded per item from
+    ``(seed, epoch, i)``, so augmented images do not depend on the worker count or on albumentations' own
+    generator (which global seeding does not reach); a plain ``i`` means epoch 0."""
+
+    def __init__(self, rows: Sequence[LabelledImage], classes: Sequence[str], transform: A.Compose,
+                 channels: int, mean: float, std: float, image_size: int, seed: int):
         self.rows = list(rows)
+        self.seed = seed
         self.class_to_index = {c: i for i, c in enumerate(classes)}
         self.transform = transform
         self.channels = channels
@@ -66,8 +72,10 @@ class LabelledImageDataset(Dataset):
     def labels(self) -> np.ndarray:
         return np.array([self.class_to_index[r.label] for r in self.rows], dtype=np.int64)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
         row = self.rows[index]
+        self.transform.set_random_seed(int(np.random.default_rng([self.seed, epoch, index]).integers(2**31)))
         image = self.transform(image=load_grayscale(row.path))["image"]
         if image.shape[:2] != (self.image_size, self.image_size):
             raise ValueError(f"{row.path}: transform produced {image.shape[:2]}, expected image_size "
@@ -75,6 +83,25 @@ class LabelledImageDataset(Dataset):
         # Same scaling as the pretraining frames; replicating after normalising is the cheaper order.
         x = to_normalised_tensor(image[..., None], self.mean, self.std).repeat(self.channels, 1, 1)
         return x, self.class_to_index[row.label]
+
+
+class EpochShuffle(Sampler[tuple[int, int]]):
+    """Training order: a permutation drawn from ``(seed, epoch)``, yielding ``(index, epoch)`` so the dataset seeds
+    each item's augmentation from it. The epoch advances with every pass; it travels with the index, so it
+    reaches persistent workers too."""
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        return iter([(int(i), epoch) for i in order])
 
 
 class SplitDataModule(L.LightningDataModule):
@@ -107,8 +134,8 @@ class DownstreamDataModule(SplitDataModule):
     def __init__(self, root: str, classes: Sequence[str], patient_pattern: str,
                  image_extensions: Sequence[str], val_fraction: float, test_fraction: float, split_seed: int,
                  fraction: float, fraction_seed: int, image_size: int, channels: int, mean: float, std: float,
-                 train_transform: Callable, eval_transform: Callable, batch_size: int, num_workers: int,
-                 output_dir: str | Path | None = None):
+                 train_transform: A.Compose, eval_transform: A.Compose, batch_size: int, num_workers: int,
+                 seed: int, output_dir: str | Path | None = None):
         super().__init__()
         if channels not in (1, 3):
             raise ValueError(f"channels={channels}: must be 1 or 3")
@@ -133,6 +160,7 @@ class DownstreamDataModule(SplitDataModule):
         self.eval_transform = eval_transform
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.seed = seed
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.split_rows: dict[str, list[LabelledImage]] | None = None
 
@@ -203,10 +231,12 @@ class DownstreamDataModule(SplitDataModule):
     def dataset(self, split: str, augment: bool = False) -> LabelledImageDataset:
         transform = self.train_transform if augment else self.eval_transform
         return LabelledImageDataset(self.rows(split), self.classes, transform, self.channels, self.mean,
-                                    self.std, self.image_size)
+                                    self.std, self.image_size, self.seed)
 
     def loader(self, split: str, train: bool = False) -> DataLoader:
-        return DataLoader(self.dataset(split, augment=train), batch_size=self.batch_size, shuffle=train,
+        dataset = self.dataset(split, augment=train)
+        return DataLoader(dataset, batch_size=self.batch_size,
+                          sampler=EpochShuffle(len(dataset), self.seed) if train else None,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
 

@@ -3,7 +3,7 @@
 Reproducibility: sample i of epoch e is a pure function of (seed, e, i): the pair sampler and both
 albumentations pipelines are seeded from np.random.default_rng([seed, e, i]). Hence the samples do not depend on
 num_workers, and the epoch reaches the dataset through `EpochSampler.set_epoch`, which Lightning calls before every
-epoch (also through its DistributedSamplerWrapper under DDP). Workers are not persistent so each epoch's workers
+epoch (under DDP through `InterleavedShard.set_epoch`). Workers are not persistent so each epoch's workers
 are forked after the epoch was set.
 """
 
@@ -20,7 +20,6 @@ import albumentations as A
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
 from fetalssl.data.cache import CachedVideo, CacheSummary, build_cache, load_cache
@@ -178,16 +177,41 @@ class EpochSampler(Sampler[int]):
         return iter(np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dataset)).tolist())
 
 
-def interleaved_shard(sampler: EpochSampler, num_replicas: int, rank: int) -> DistributedSampler:
-    """Rank ``rank``'s share of the sampler's epoch order: positions rank, rank + W, rank + 2W, ...
+class InterleavedShard(DistributedSampler):
+    """Rank ``rank``'s share of an EpochSampler's order: positions rank, rank + W, rank + 2W, ... (drop_last).
 
     So batch k of W ranks x B holds exactly the samples of batch k of one process x W*B, and the order does not
-    depend on the world size. (Lightning would wrap the sampler itself, but always with shuffle=True for training,
-    which re-permutes the epoch order with torch.randperm before sharding; Lightning leaves a DistributedSampler
-    alone.) drop_last: every rank gets the same number of samples, so gathering ranks never wait on each other.
-    set_epoch is forwarded to the EpochSampler (and so to the dataset).
+    depend on the world size. Every rank gets the same number of samples, so gathering ranks never wait on each
+    other. ``set_epoch`` goes straight to the EpochSampler (and so to the dataset's pairs and augmentations) on
+    every Lightning version: Lightning's DistributedSamplerWrapper only forwards it from 2.6.1 on, and would
+    re-permute the order with shuffle=True for training. Being a DistributedSampler, Lightning leaves it alone.
     """
-    return DistributedSamplerWrapper(sampler, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=True)
+
+    def __init__(self, sampler: EpochSampler, num_replicas: int, rank: int):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} outside [0, {num_replicas})")
+        self.sampler = sampler
+        self.dataset = sampler.dataset
+        self.shuffle = False  # the order is the EpochSampler's (itself seeded and shuffled)
+        self.drop_last = True
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.num_samples = len(sampler) // num_replicas
+        self.total_size = self.num_samples * num_replicas
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(self.sampler)[: self.total_size]
+        return iter(order[self.rank :: self.num_replicas])
 
 
 class ResumableDataLoader(DataLoader):
@@ -224,7 +248,7 @@ class ResumableDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator:
         resume, self._resume_at = self._resume_at, None
-        self._epoch = self.sampler.epoch  # EpochSampler, or the interleaved_shard around it
+        self._epoch = self.sampler.epoch  # EpochSampler, or the InterleavedShard around it
         self._handed_out = resume["batches"] if resume and resume["epoch"] == self._epoch else 0
         for batch in super().__iter__():
             self._handed_out += 1
@@ -349,12 +373,13 @@ class VideoFramePairDataModule(L.LightningDataModule):
         if self.train_set is None:
             raise RuntimeError("call setup() first")
         # drop_last: batch statistics (BatchNorm, cross-correlation) need full batches, and losses that gather
-        # across ranks need equal ones. Under DDP each rank gets a 1/world_size shard (Lightning wraps the sampler).
+        # across ranks need equal ones. Under DDP each rank gets a 1/world_size shard (InterleavedShard).
         world_size = self.trainer.world_size if self.trainer is not None else 1
         drop_last = len(self.train_set) // world_size >= self.batch_size
         sampler = EpochSampler(self.train_set, True, self.seed)
         if world_size > 1:
-            sampler = interleaved_shard(sampler, **self.trainer.distributed_sampler_kwargs)
+            kwargs = self.trainer.distributed_sampler_kwargs
+            sampler = InterleavedShard(sampler, num_replicas=kwargs["num_replicas"], rank=kwargs["rank"])
         self._train_loader = self._loader(self.train_set, sampler, drop_last, loader_cls=ResumableDataLoader)
         if self._resume_train_at is not None:
             self._train_loader.resume(self._resume_train_at)

@@ -33,20 +33,23 @@ class PlaneClassifier(L.LightningModule):
     when batches already hold features (cached linear probe); `num_features` is then the feature size.
     Optimiser: AdamW with separate head / backbone learning rates; biases and norm weights get no weight
     decay; per-step linear warm-up over `warmup_fraction` of all steps, then cosine decay to 0.
-    `class_weights` (N / N_c) weight the cross-entropy; None means unweighted.
+    `class_weights` (N / N_c) weight the cross-entropy; None means unweighted. `init_weights` is the provenance
+    of the backbone's starting weights (fetalssl.finetune.init.build_backbone), stored in every checkpoint.
     Logs {train,val,test}/loss and {val,test}/{macro_f1, balanced_accuracy, accuracy, f1_<class>}.
     """
 
     def __init__(self, backbone: nn.Module, num_features: int, classes: Sequence[str], trainable: str,
                  head_lr: float, backbone_lr: float, weight_decay: float, warmup_fraction: float,
-                 head_dropout: float, feature_norm: bool, class_weights: torch.Tensor | None = None):
+                 head_dropout: float, feature_norm: bool, class_weights: torch.Tensor | None,
+                 init_weights: dict[str, str] | None):
         super().__init__()
         if head_dropout > 0 and trainable != "all":
             raise ValueError(f"head_dropout={head_dropout}: dropout is only used with full fine-tuning "
                              f"(trainable=all), not trainable={trainable}")
         if class_weights is not None and len(class_weights) != len(classes):
             raise ValueError(f"{len(class_weights)} class weights for {len(classes)} classes")
-        self.save_hyperparameters(ignore=["backbone", "class_weights"])
+        self.save_hyperparameters(ignore=["backbone", "class_weights", "init_weights"])
+        self.init_weights = init_weights
         self.classes = list(classes)
         self.backbone = backbone
         self.trained_backbone_parameters = set_trainable(backbone, trainable)
@@ -66,6 +69,9 @@ class PlaneClassifier(L.LightningModule):
         for module in self._frozen:
             module.eval()
         return self
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["init_weights"] = self.init_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.trained_backbone_parameters)):

@@ -20,27 +20,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fetalssl.cli.common import save_torch
-from fetalssl.data.downstream import DownstreamDataModule, LabelledImageDataset, SplitDataModule
+from fetalssl.data.downstream import DownstreamDataModule, EpochShuffle, LabelledImageDataset, SplitDataModule
 from fetalssl.data.splits import SPLITS
+from fetalssl.evaluation import Features, extract_features
+from fetalssl.io import save_torch
 
 log = logging.getLogger(__name__)
-
-Features = tuple[torch.Tensor, torch.Tensor]
-
-
-@torch.no_grad()
-def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.device) -> Features:
-    """(features (N, D), labels (N,)) on the CPU, in loader order, with the backbone in eval mode."""
-    was_training = backbone.training
-    backbone.eval().to(device)
-    features, labels = [], []
-    for x, y in loader:
-        features.append(backbone(x.to(device)).float().cpu())
-        labels.append(y)
-    backbone.train(was_training)
-    return torch.cat(features), torch.cat(labels)
-
 
 def weights_digest(module: nn.Module) -> str:
     """sha256 over the module's class and every state_dict entry (name, dtype, shape, bytes)."""
@@ -90,10 +75,11 @@ def cached_extract_features(backbone: nn.Module, loader: DataLoader, device: tor
 class CachedFeatureDataModule(SplitDataModule):
     """Batches of (features (B, D), labels (B,)) for every split of a DownstreamDataModule."""
 
-    def __init__(self, features: dict[str, Features], batch_size: int):
+    def __init__(self, features: dict[str, Features], batch_size: int, seed: int):
         super().__init__()
         self.features = features
         self.batch_size = batch_size
+        self.seed = seed
 
     @classmethod
     def from_images(cls, backbone: nn.Module, images: DownstreamDataModule, device: torch.device,
@@ -109,11 +95,21 @@ class CachedFeatureDataModule(SplitDataModule):
                                                           None if cache_dir is None else Path(cache_dir), weights)
                 log.info("Features %s of %d %s images", tuple(features[split][0].shape[1:]),
                          len(features[split][0]), split)
-        return cls(features, images.batch_size)
+        return cls(features, images.batch_size, images.seed)
 
     @property
     def num_features(self) -> int:
         return self.features["train"][0].shape[1]
 
     def loader(self, split: str, train: bool = False) -> DataLoader:
-        return DataLoader(TensorDataset(*self.features[split]), batch_size=self.batch_size, shuffle=train)
+        # The image loop's order (EpochShuffle of the same seed), so both paths train the same head.
+        rows = FeatureRows(*self.features[split])
+        return DataLoader(rows, batch_size=self.batch_size,
+                          sampler=EpochShuffle(len(rows), self.seed) if train else None)
+
+
+class FeatureRows(TensorDataset):
+    """TensorDataset that also takes EpochShuffle's ``(index, epoch)`` keys (features need no augmentation)."""
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        return super().__getitem__(key[0] if isinstance(key, tuple) else key)

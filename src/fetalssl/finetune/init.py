@@ -17,6 +17,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from fetalssl.io import file_sha256
+
 log = logging.getLogger(__name__)
 
 BACKBONE_FILE = "backbone.pt"
@@ -87,10 +89,28 @@ def resolve_init_weights(init_cfg: DictConfig) -> Path | None:
     return path
 
 
-def build_backbone(backbone_cfg: DictConfig, init_cfg: DictConfig) -> nn.Module:
-    """Instantiate cfg.backbone (fetalssl.models.backbones.create_backbone) with the init's weights."""
+def build_backbone(backbone_cfg: DictConfig, init_cfg: DictConfig) -> tuple[nn.Module, dict[str, str] | None]:
+    """Instantiate cfg.backbone (fetalssl.models.backbones.create_backbone) with the init's weights.
+
+    Returns the backbone and its provenance: ``{"init", "path", "sha256"}`` of the weight file exactly as read
+    (None for random init), what metrics.json and the fine-tuned checkpoint record."""
     weights = resolve_init_weights(init_cfg)
+    record = None if weights is None else {"init": init_cfg.name, "path": str(weights.resolve()),
+                                           "sha256": file_sha256(weights)}
     overrides = {"pretrained_path": None if weights is None else str(weights)}
     if init_cfg.name == "random":
         overrides["zero_init_last"] = init_cfg.zero_init_last
-    return instantiate(backbone_cfg, **overrides)
+    return instantiate(backbone_cfg, **overrides), record
+
+
+def backbone_from_record(backbone_cfg: DictConfig, record: dict[str, str], source: str | Path) -> nn.Module:
+    """The backbone a run started from, read from exactly the file its provenance names; refused if the file
+    changed since (so a head is never paired with other weights than those it was trained on)."""
+    path = Path(record["path"])
+    if not path.is_file():
+        raise FileNotFoundError(f"{source}: the init weights it was trained on, {path}, are gone")
+    found = file_sha256(path)
+    if found != record["sha256"]:
+        raise ValueError(f"{source}: init weights {path} changed since the run (sha256 recorded "
+                         f"{record['sha256']}, now {found}); restore that file or re-run the fine-tuning")
+    return instantiate(backbone_cfg, pretrained_path=str(path))

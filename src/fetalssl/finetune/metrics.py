@@ -27,6 +27,7 @@ from torchmetrics.classification import (
 )
 
 from fetalssl.data.splits import LabelledImage
+from fetalssl.evaluation import mean_per_video
 
 SCALAR_METRICS = ("macro_f1", "balanced_accuracy", "accuracy")
 
@@ -94,18 +95,6 @@ def video_labels(labels_csv: Path) -> dict[str, str] | None:
         if "video" not in (reader.fieldnames or []):
             return None
         return {row["image_path"]: row["video"] for row in reader}
-
-
-def mean_per_video(videos: Sequence[str], targets: np.ndarray, probs: np.ndarray,
-                   source: str) -> tuple[list[str], list[np.ndarray], np.ndarray, np.ndarray]:
-    """(video names, frame rows of each, video labels, video probabilities = mean of the frames'): a video's
-    prediction is the argmax of its frames' mean probabilities. Raises if a video's frames disagree on the label."""
-    names = sorted(set(videos))
-    rows = [np.flatnonzero(np.asarray(videos) == name) for name in names]
-    for name, r in zip(names, rows, strict=True):
-        if len(set(targets[r].tolist())) > 1:
-            raise ValueError(f"{source}: video {name} has frames of several labels")
-    return names, rows, np.array([targets[r[0]] for r in rows]), np.stack([probs[r].mean(0) for r in rows])
 
 
 def video_metrics_from_predictions(path: Path, video_of: dict[str, str], classes: Sequence[str]) -> dict:

@@ -25,7 +25,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fetalssl.cli.common import build_trainer, save_json
 from fetalssl.data.downstream import DownstreamDataModule
 from fetalssl.finetune import hog
 from fetalssl.finetune.classifier import PlaneClassifier
@@ -38,6 +37,8 @@ from fetalssl.finetune.metrics import (
     write_confusion_matrix,
     write_predictions,
 )
+from fetalssl.io import save_json
+from fetalssl.runtime import build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def _train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     images = instantiate(cfg.data, output_dir=output_dir)
     images.setup("fit")
-    backbone = build_backbone(cfg.backbone, cfg.init)
+    backbone, init_weights = build_backbone(cfg.backbone, cfg.init)
     mode = cfg.finetune_mode
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor=cfg.monitor,
                                  mode=cfg.monitor_mode, save_top_k=1, save_weights_only=True)
@@ -98,7 +99,7 @@ def _train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         backbone=backbone, num_features=num_features, classes=images.classes, trainable=mode.trainable,
         head_lr=mode.head_lr, backbone_lr=mode.backbone_lr, weight_decay=cfg.classifier.weight_decay,
         warmup_fraction=cfg.classifier.warmup_fraction, head_dropout=mode.head_dropout, feature_norm=mode.feature_norm,
-        class_weights=images.class_weights() if cfg.classifier.class_weighted else None)
+        class_weights=images.class_weights() if cfg.classifier.class_weighted else None, init_weights=init_weights)
 
     trainer.fit(model, datamodule=data)
     best = checkpoint.best_model_path
@@ -108,6 +109,7 @@ def _train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     result = _write_outputs(images, probs, output_dir)
     result["logged_test"] = {k: float(v) for k, v in logged_test.items()}
     result["best_checkpoint"] = best
+    result["init_weights"] = init_weights
     return result
 
 

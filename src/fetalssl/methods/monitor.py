@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.pipeline import make_pipeline
@@ -15,19 +14,11 @@ from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fetalssl.finetune.features import extract_features
+from fetalssl.evaluation import extract_features, knn_predict
 
 log = logging.getLogger(__name__)
 
 Labelled = tuple[Tensor, Tensor]
-
-
-def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, k: int) -> Tensor:
-    """Majority vote among the k nearest training features by cosine similarity."""
-    sim = F.normalize(test_x, dim=1) @ F.normalize(train_x, dim=1).T
-    neighbours = train_y[sim.topk(min(k, len(train_x)), dim=1).indices]  # (N_test, k)
-    votes = F.one_hot(neighbours, int(train_y.max()) + 1).sum(dim=1)
-    return votes.argmax(dim=1)
 
 
 class LinearProbeMonitor(L.Callback):
@@ -42,10 +33,10 @@ class LinearProbeMonitor(L.Callback):
         train_images: Labelled | Callable[[], Labelled],
         val_images: Labelled | Callable[[], Labelled],
         every_n_epochs: int,
-        knn: bool = False,
-        k: int = 20,
-        batch_size: int = 256,
-        max_iter: int = 1000,
+        knn: bool,
+        k: int,
+        batch_size: int,
+        max_iter: int,
     ):
         self._sources = {"train": train_images, "val": val_images}
         self._data: dict[str, Labelled] = {}

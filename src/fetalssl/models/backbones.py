@@ -14,22 +14,27 @@ import timm
 import torch
 from torch import nn
 
+from fetalssl.io import load_weights
+
 log = logging.getLogger(__name__)
 
 _STRIP_PREFIXES = ("module.", "backbone.")
+TRUST_PICKLE_SWITCH = "backbone.trust_pickle"
 
 
 def create_backbone(
     name: str,
     in_chans: int,
-    pretrained_path: str | None = None,
-    zero_init_last: bool = False,
+    pretrained_path: str | None,
+    zero_init_last: bool,
+    trust_pickle: bool,
     **timm_kwargs,
 ) -> nn.Module:
     """Build ``timm.create_model(name, num_classes=0, in_chans=...)``; ``.num_features`` is the embedding size.
 
     ``timm_kwargs`` go to timm (e.g. ``img_size`` for ViT). ``pretrained_path`` loads a state dict or a
-    checkpoint holding ``state_dict`` (Lightning); see :func:`load_backbone_weights`.
+    checkpoint holding ``state_dict`` (Lightning); see :func:`load_backbone_weights`. The file is read with
+    ``weights_only=True`` unless ``trust_pickle`` (config ``backbone.trust_pickle``) allows a legacy pickle.
     """
     kwargs = dict(pretrained=False, num_classes=0, in_chans=in_chans, **timm_kwargs)
     try:
@@ -41,7 +46,7 @@ def create_backbone(
             raise ValueError(f"zero_init_last=True is only supported by ResNet-family models, not {name!r}") from err
         model = timm.create_model(name, **kwargs)
     if pretrained_path is not None:
-        load_backbone_weights(model, pretrained_path)
+        load_backbone_weights(model, pretrained_path, trust_pickle)
     return model
 
 
@@ -70,16 +75,13 @@ def _extract_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return stripped
 
 
-def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
+def load_backbone_weights(model: nn.Module, path: str | Path, trust_pickle: bool) -> None:
     """Load weights strictly; adapt RGB->grey first conv by summing over input channels.
 
     Classifier weights in the file (e.g. an ImageNet ``fc``) are dropped because the backbone has no head.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained_path does not exist: {path}")
-    # Lightning checkpoints pickle more than tensors; this is a user-supplied local file.
-    state = _extract_state_dict(torch.load(path, map_location="cpu", weights_only=False), path)
+    state = _extract_state_dict(load_weights(path, trust_pickle, switch=TRUST_PICKLE_SWITCH), path)
 
     classifier = model.pretrained_cfg.get("classifier")
     if classifier:

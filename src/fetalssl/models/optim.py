@@ -12,17 +12,30 @@ from torch.optim import Optimizer
 REFERENCE_BATCH_SIZE = 256  # linear scaling rule: lr = base_lr * global_batch / 256 (Goyal et al. 2017)
 
 
+def no_weight_decay_names(module: nn.Module) -> set[str]:
+    """Full names of the parameters a submodule exempts through ``no_weight_decay()`` (timm's convention: ViT
+    ``pos_embed`` / ``cls_token``, ConvNeXt / Swin tables...), names given relative to that submodule."""
+    names: set[str] = set()
+    for prefix, sub in module.named_modules():
+        exempt = getattr(sub, "no_weight_decay", None)
+        if callable(exempt):
+            names |= {f"{prefix}.{name}" if prefix else name for name in exempt()}
+    return names
+
+
 def parameter_groups(modules: Iterable[nn.Module]) -> list[dict]:
-    """Split trainable parameters: biases and norm weights (ndim <= 1) get no weight decay and no LARS
-    adaptation, as in SimCLR/BYOL/Barlow Twins. Frozen (EMA target) parameters are left out."""
+    """Split trainable parameters: biases and norm weights (ndim <= 1) and whatever the model names in
+    ``no_weight_decay()`` (timm, e.g. ViT position embedding and class token) get no weight decay and no LARS
+    adaptation, as in SimCLR/BYOL/Barlow Twins and timm. Frozen (EMA target) parameters are left out."""
     decay, no_decay = [], []
     seen: set[int] = set()
     for module in modules:
-        for p in module.parameters():
+        exempt = no_weight_decay_names(module)
+        for name, p in module.named_parameters():
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            (no_decay if p.ndim <= 1 or name in exempt else decay).append(p)
     return [
         {"params": decay, "lars_exclude": False},
         {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},

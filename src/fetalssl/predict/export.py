@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fetalssl.cli.common import atomic_write_bytes
+from fetalssl.io import atomic_write
 from fetalssl.predict.model import ModelMeta, ProbabilityModel, load_run
 from fetalssl.predict.predictor import METADATA_KEY, TorchPredictor, load_predictor
 
@@ -63,7 +63,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, tolerance: float = DEFA
     payloads = {"torchscript": torchscript_bytes(model, meta), "onnx": onnx_bytes(model, meta),
                 "metadata": meta.to_json().encode()}
     for kind, payload in payloads.items():
-        atomic_write_bytes(paths[kind], lambda f, payload=payload: f.write(payload))
+        atomic_write(paths[kind], lambda f, payload=payload: f.write(payload))
     reference = TorchPredictor(model, meta, run_dir, "cpu")
     batch = example_input(meta, _CHECK_BATCH, seed=1).numpy()
     for kind in ("torchscript", "onnx"):

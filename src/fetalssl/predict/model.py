@@ -22,7 +22,7 @@ from torch import nn
 
 from fetalssl.data.transforms import to_normalised_tensor
 from fetalssl.finetune.classifier import linear_head
-from fetalssl.finetune.init import build_backbone
+from fetalssl.finetune.init import backbone_from_record
 
 log = logging.getLogger(__name__)
 
@@ -114,16 +114,21 @@ def load_run(run_dir: str | Path) -> tuple[ProbabilityModel, ModelMeta]:
             raise FileNotFoundError(f"{run_dir} is not a fine-tune run dir: {required} is missing")
     cfg = OmegaConf.load(run_dir / RUN_CONFIG)
     meta = meta_from_run_config(cfg, run_dir)
-    state = torch.load(run_dir / RUN_CHECKPOINT, map_location="cpu", weights_only=True)["state_dict"]
+    checkpoint = torch.load(run_dir / RUN_CHECKPOINT, map_location="cpu", weights_only=True)
+    state = checkpoint["state_dict"]
     has_backbone = any(k.startswith("backbone.") for k in state)
     if has_backbone:
         backbone = instantiate(cfg.backbone, pretrained_path=None)  # weights come from the checkpoint
     elif cfg.init.name == "random":
         raise ValueError(f"{run_dir}: the checkpoint holds only the head (cached-feature linear probe) and the "
                          f"random-init backbone it was trained on cannot be rebuilt")
-    else:  # cached-feature linear probe: the frozen backbone is exactly the init weights
-        log.info("%s: head-only checkpoint; backbone from init=%s", run_dir, cfg.init.name)
-        backbone = build_backbone(cfg.backbone, cfg.init)
+    elif checkpoint.get("init_weights") is None:
+        raise ValueError(f"{run_dir / RUN_CHECKPOINT}: head-only checkpoint without the provenance of its init "
+                         f"weights (written before fetalssl recorded it): re-run this fine-tuning")
+    else:  # cached-feature linear probe: the frozen backbone is exactly the file it was trained on
+        record = checkpoint["init_weights"]
+        log.info("%s: head-only checkpoint; backbone from %s (sha256 %s)", run_dir, record["path"], record["sha256"])
+        backbone = backbone_from_record(cfg.backbone, record, run_dir / RUN_CHECKPOINT)
     head = linear_head(backbone.num_features, len(meta.classes), cfg.finetune_mode.feature_norm)
     model = ProbabilityModel(backbone, head)
     # Lightning prefixes match ProbabilityModel's attribute names; metric states and class weights are dropped.

@@ -27,8 +27,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from fetalssl.cli.common import save_json
 from fetalssl.data.video import CONTAINER_EXTENSIONS, DICOM_EXTENSIONS, VideoReadError, is_dicom, read_frames
+from fetalssl.io import save_json
 from fetalssl.predict.predictor import Predictor
 from fetalssl.predict.timeline import OTHER, BestFrame, best_frames, frame_labels, smooth, timeline_figure
 

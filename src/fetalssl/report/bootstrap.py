@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fetalssl.finetune.metrics import mean_per_video
+from fetalssl.evaluation import mean_per_video
 
 PREDICTIONS_FILE = "predictions.csv"
 PROB_PREFIX = "prob_"
@@ -59,7 +59,7 @@ def read_test_predictions(path: Path) -> TestPredictions:
 
 
 def per_video(frames: TestPredictions) -> TestPredictions:
-    """Video-level rows, computed as metrics.json's test_video is (finetune.metrics.mean_per_video)."""
+    """Video-level rows, computed as metrics.json's test_video is (evaluation.mean_per_video)."""
     if not frames.videos.size or (frames.videos == "").any():
         raise ValueError("video-level scores need the video of every frame (a labels CSV with a video column)")
     names, rows, targets, probs = mean_per_video(frames.videos.tolist(), frames.targets, frames.probs,

@@ -1,14 +1,13 @@
-"""What every console script shares: trainer assembly, resume resolution and atomic file writes."""
+"""Running Lightning from a composed config: the trainer, DDP inside Hydra sweeps, and resume points.
+
+Library code (fine-tuning, pretraining and the console scripts all use it), so nothing needs to import cli/."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
@@ -87,26 +86,3 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
     return str(ckpt_path)
-
-
-def atomic_write_bytes(path: Path, write_fn) -> None:
-    """Write through a temp file in the same folder and rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_torch(obj: Any, path: Path) -> None:
-    atomic_write_bytes(path, lambda f: torch.save(obj, f))
-
-
-def save_json(obj: Any, path: Path) -> None:
-    atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
