@@ -70,3 +70,23 @@ def test_training_subset_matches_the_requested_fraction(tiny_demo_data, tmp_path
     full_counts = json.loads((tmp_path / "finetune" / "random" / "g" / "metrics.json").read_text())["train_class_counts"]
     for label, n in per_class.items():
         assert n == max(1, int(0.25 * full_counts[label] + 0.5))
+
+
+def test_pretraining_is_reproducible_with_any_worker_count_and_a_new_seed_changes_it(tiny_demo_data, tmp_path):
+    def pretrain(run_id, *extra):
+        run_cli("fetalssl-train", *TINY_PRETRAIN, "method=moco", "method.shuffle_bn_groups=2",
+                f"data.root={tiny_demo_data}", f"paths.output_root={tmp_path}", f"run_id={run_id}",
+                f"data.cache_dir={tmp_path / 'cache'}", *extra)
+        run = tmp_path / "pretrain" / "moco" / run_id
+        state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        return state, (run / "logs" / "metrics.csv").read_text()
+
+    # MoCo: every random source at once (weights, pairs, views, Shuffle-BN permutations, queue init)
+    ref, ref_log = pretrain("a", "data.num_workers=0")
+    for run_id, extra in (("b", "data.num_workers=0"), ("c", "data.num_workers=2")):
+        state, log = pretrain(run_id, extra)
+        assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref), run_id
+        assert log == ref_log, run_id
+    other, _ = pretrain("d", "seed=1")
+    assert not torch.equal(other["backbone.conv1.weight"], ref["backbone.conv1.weight"])
+    assert not torch.equal(other["queue"], ref["queue"])

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -462,3 +463,51 @@ def test_training_augmentation_is_seeded_per_image_and_epoch(tmp_path):
     first, second = list(sampler), list(sampler)  # Lightning iterates the one train loader once per epoch
     assert [e for _, e in first] == [0] * len(first) and [e for _, e in second] == [1] * len(second)
     assert sorted(i for i, _ in first) == list(range(len(train))) and first != second
+
+
+def test_class_weights_scale_each_images_gradient_by_n_over_n_c():
+    weights = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    model = classifier("none", class_weights=weights)
+    logits = torch.randn(6, 5, requires_grad=True)
+    y = torch.tensor([0, 1, 1, 4, 2, 0])
+    model._loss(logits, y).backward()
+    expected = weights[y, None] * (logits.softmax(1) - F.one_hot(y, 5)) / weights[y].sum()
+    torch.testing.assert_close(logits.grad, expected.detach())
+
+
+def _imbalanced(root: Path) -> Path:
+    labels = make_images(root, per_class=3)
+    lines = labels.read_text().splitlines()
+    keep = [lines[0]] + [r for r in lines[1:] if r.split(",")[1] in ("4CH", "LVOT") or r.split("_")[-1][0] == "0"]
+    labels.write_text("\n".join(keep) + "\n")
+    return labels
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_class_weights_n_over_n_c_of_the_training_subset_reach_the_model(tmp_path, weighted):
+    cfg = finetune_cfg(_imbalanced(tmp_path / "data"))
+    cfg.classifier.class_weighted = weighted
+    result = run_finetune(cfg, tmp_path / "run")
+    counts = torch.tensor([result["train_class_counts"][c] for c in CLASSES], dtype=torch.float32)
+    assert len(set(counts.tolist())) > 1  # imbalanced, so weighting matters
+    state = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    if weighted:
+        torch.testing.assert_close(state["class_weights"], counts.sum() / counts)
+    else:
+        assert "class_weights" not in state
+
+
+@pytest.mark.parametrize("monitor_mode", ["max", "min"])
+def test_selection_tests_the_checkpoint_of_the_best_val_epoch(tmp_path, monitor_mode):
+    cfg = finetune_cfg(make_images(tmp_path / "data"), "linear", max_epochs=5)
+    cfg.finetune_mode.cache_features = True
+    cfg.monitor, cfg.monitor_mode = "val/loss", monitor_mode  # val/loss moves every epoch (no ties)
+    cfg.logger = {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path / "run"), "name": "logs",
+                  "version": ""}
+    run_finetune(cfg, tmp_path / "run")
+    rows = [r for r in csv.DictReader((tmp_path / "run" / "logs" / "metrics.csv").open()) if r.get("val/loss")]
+    per_epoch = {int(r["epoch"]): float(r["val/loss"]) for r in rows}
+    assert len(per_epoch) == 5 and len(set(per_epoch.values())) == 5
+    pick = max if monitor_mode == "max" else min
+    best_epoch = pick(per_epoch, key=per_epoch.get)
+    assert torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)["epoch"] == best_epoch

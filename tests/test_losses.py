@@ -3,6 +3,7 @@
 import math
 import os
 import socket
+from functools import partial
 
 import pytest
 import torch
@@ -102,6 +103,9 @@ def ref_mse(pred, target):
     return _mean([(a - b) ** 2 for a, b in zip(flat_p, flat_t, strict=True)])
 
 
+VICREG = {"sim_coeff": 25.0, "std_coeff": 25.0, "cov_coeff": 1.0, "gather": False}  # the paper's
+
+
 @pytest.fixture
 def z():
     g = torch.Generator().manual_seed(0)
@@ -109,21 +113,21 @@ def z():
 
 
 def test_barlow_matches_reference(z):
-    assert barlow_twins_loss(*z).item() == pytest.approx(ref_barlow(*z, 0.0051), rel=1e-9)
-    assert barlow_twins_loss(*z, lambd=0.3).item() == pytest.approx(ref_barlow(*z, 0.3), rel=1e-9)
+    assert barlow_twins_loss(*z, lambd=0.0051, gather=False).item() == pytest.approx(ref_barlow(*z, 0.0051), rel=1e-9)
+    assert barlow_twins_loss(*z, lambd=0.3, gather=False).item() == pytest.approx(ref_barlow(*z, 0.3), rel=1e-9)
 
 
 def test_vicreg_matches_reference(z):
     # Scale one branch down so the variance hinge is active for some dimensions.
     z1, z2 = z[0], z[1] * torch.tensor([0.3, 2.0, 0.5, 1.5], dtype=torch.float64)
-    assert vicreg_loss(z1, z2).item() == pytest.approx(ref_vicreg(z1, z2, 25.0, 25.0, 1.0, 1e-4), rel=1e-9)
-    got = vicreg_loss(z1, z2, sim_coeff=1.0, std_coeff=2.0, cov_coeff=3.0, eps=1e-2).item()
+    assert vicreg_loss(z1, z2, **VICREG).item() == pytest.approx(ref_vicreg(z1, z2, 25.0, 25.0, 1.0, 1e-4), rel=1e-9)
+    got = vicreg_loss(z1, z2, sim_coeff=1.0, std_coeff=2.0, cov_coeff=3.0, gather=False, eps=1e-2).item()
     assert got == pytest.approx(ref_vicreg(z1, z2, 1.0, 2.0, 3.0, 1e-2), rel=1e-9)
 
 
 def test_nt_xent_matches_reference(z):
-    assert nt_xent_loss(*z).item() == pytest.approx(ref_nt_xent(*z, 0.5), rel=1e-9)
-    assert nt_xent_loss(*z, temperature=0.1).item() == pytest.approx(ref_nt_xent(*z, 0.1), rel=1e-9)
+    assert nt_xent_loss(*z, temperature=0.5, gather=False).item() == pytest.approx(ref_nt_xent(*z, 0.5), rel=1e-9)
+    assert nt_xent_loss(*z, temperature=0.1, gather=False).item() == pytest.approx(ref_nt_xent(*z, 0.1), rel=1e-9)
 
 
 def test_byol_matches_reference_and_detaches_target(z):
@@ -136,7 +140,7 @@ def test_byol_matches_reference_and_detaches_target(z):
 
 def test_moco_matches_reference(z):
     queue = torch.randn(5, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    assert moco_loss(*z, queue).item() == pytest.approx(ref_moco(*z, queue, 0.2), rel=1e-9)
+    assert moco_loss(*z, queue, temperature=0.2).item() == pytest.approx(ref_moco(*z, queue, 0.2), rel=1e-9)
     assert moco_loss(*z, queue, temperature=0.07).item() == pytest.approx(ref_moco(*z, queue, 0.07), rel=1e-9)
 
 
@@ -152,11 +156,11 @@ def _two(*shape):
 
 QUEUE = torch.randn(16, 8)
 CASES = {
-    "barlow": (lambda: _two(16, 8), barlow_twins_loss),
-    "vicreg": (lambda: _two(16, 8), vicreg_loss),
-    "nt_xent": (lambda: _two(16, 8), nt_xent_loss),
+    "barlow": (lambda: _two(16, 8), partial(barlow_twins_loss, lambd=0.0051, gather=False)),
+    "vicreg": (lambda: _two(16, 8), partial(vicreg_loss, **VICREG)),
+    "nt_xent": (lambda: _two(16, 8), partial(nt_xent_loss, temperature=0.5, gather=False)),
     "byol": (lambda: _two(16, 8), byol_loss),
-    "moco": (lambda: _two(16, 8), lambda q, k: moco_loss(q, k, QUEUE)),
+    "moco": (lambda: _two(16, 8), lambda q, k: moco_loss(q, k, QUEUE, temperature=0.2)),
     "reconstruction": (lambda: [torch.nn.Parameter(torch.randn(4, 1, 4, 4)), torch.randn(4, 1, 4, 4)],
                        reconstruction_loss),
 }
@@ -190,6 +194,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
+GATHERED = {"barlow": partial(barlow_twins_loss, lambd=0.0051),
+            "vicreg": partial(vicreg_loss, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0),
+            "nt_xent": partial(nt_xent_loss, temperature=0.5)}
+
+
 def _ddp_worker(rank, world, port, z1, z2, out):
     import torch.distributed as dist
 
@@ -197,7 +206,7 @@ def _ddp_worker(rank, world, port, z1, z2, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         n = len(z1) // world
-        for name, fn in (("barlow", barlow_twins_loss), ("vicreg", vicreg_loss), ("nt_xent", nt_xent_loss)):
+        for name, fn in GATHERED.items():
             a = z1[rank * n:(rank + 1) * n].clone().requires_grad_()
             b = z2[rank * n:(rank + 1) * n].clone().requires_grad_()
             loss = fn(a, b, gather=True)
@@ -213,9 +222,9 @@ def test_gather_equals_global_batch_loss():
     world = 2
     out = mp.Manager().dict()
     mp.spawn(_ddp_worker, args=(world, _free_port(), z1, z2, out), nprocs=world, join=True)
-    for name, fn in (("barlow", barlow_twins_loss), ("vicreg", vicreg_loss), ("nt_xent", nt_xent_loss)):
+    for name, fn in GATHERED.items():
         a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
-        full = fn(a, b)
+        full = fn(a, b, gather=False)
         full.backward()
         rank_losses = [out[f"{name}_{r}"][0] for r in range(world)]
         # Barlow/VICReg: every rank computes the global loss; NT-Xent: the global loss is the mean over ranks.

@@ -1,4 +1,5 @@
-"""Self-supervised losses as pure functions.
+"""Self-supervised losses as pure functions. Their coefficients have no defaults here: the method configs
+(conf/method/*.yaml) are the one place that sets them, with the papers' values.
 
 Each loss follows its paper's formula. Losses that need batch statistics (Barlow Twins, VICReg) or in-batch
 negatives (NT-Xent) take ``gather``: when True and torch.distributed is initialised with more than one rank,
@@ -58,7 +59,7 @@ def _standardise(z: Tensor) -> Tensor:
     return (z - z.mean(dim=0)) / torch.sqrt(z.var(dim=0, unbiased=False) + _BN_EPS)
 
 
-def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 0.0051, gather: bool = False) -> Tensor:
+def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float, gather: bool) -> Tensor:
     """Zbontar et al. 2021: push the cross-correlation of the two views' embeddings to the identity."""
     if gather:
         z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
@@ -71,11 +72,11 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 0.0051, gather: boo
 def vicreg_loss(
     z1: Tensor,
     z2: Tensor,
-    sim_coeff: float = 25.0,
-    std_coeff: float = 25.0,
-    cov_coeff: float = 1.0,
-    eps: float = 1e-4,
-    gather: bool = False,
+    sim_coeff: float,
+    std_coeff: float,
+    cov_coeff: float,
+    gather: bool,
+    eps: float = 1e-4,  # the official code's constant, not a tuning knob
 ) -> Tensor:
     """Bardes et al. 2022, as in the official code: invariance + variance + covariance terms."""
     if gather:
@@ -93,7 +94,7 @@ def vicreg_loss(
     return sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
 
 
-def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float = 0.5, gather: bool = False) -> Tensor:
+def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float, gather: bool) -> Tensor:
     """Chen et al. 2020 (SimCLR) NT-Xent over 2N views.
 
     Each anchor's positive is the other view of the same image; the remaining 2N-2 views are negatives.
@@ -124,7 +125,7 @@ def byol_loss(p: Tensor, z: Tensor) -> Tensor:
     return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=1)).mean()
 
 
-def moco_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2) -> Tensor:
+def moco_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
     """He et al. 2020 / Chen et al. 2020 (MoCo v2) InfoNCE.
 
     Each query's positive is its own key; the negatives are the queue rows (K, D). Keys and queue get no

@@ -1,0 +1,137 @@
+"""Each method's loss is its paper's criterion on its own two views, with the config's values.
+
+Built from the real YAML with non-default coefficients, every method's loss is compared with the criterion
+computed independently from the method's parts; swapping or duplicating the views changes the loss as the
+formula says. Wrong wiring (a view used twice, a loss made one-directional, a coefficient not passed through)
+fails here."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fetalssl.losses import (
+    barlow_twins_loss,
+    byol_loss,
+    moco_loss,
+    nt_xent_loss,
+    reconstruction_loss,
+    vicreg_loss,
+)
+from fetalssl.models.ema import cosine_tau
+from test_methods import RandomPairs, build
+
+NOT_THE_PAPERS = {  # every coefficient away from its default, so a value left at the default shows
+    "barlowtwins": {"lambd": 0.3},
+    "vicreg": {"sim_coeff": 3.0, "std_coeff": 7.0, "cov_coeff": 0.5},
+    "simclr": {"temperature": 0.9},
+    "moco": {"temperature": 0.7, "shuffle_bn": False},
+    "byol": {},
+}
+
+
+def views(n=8, seed=0):
+    data = RandomPairs(n=n, seed=seed)
+    return data.v1, data.v2
+
+
+def batch(v1, v2):
+    return {"view1": v1, "view2": v2}
+
+
+def online_embedding(model, x):
+    return model.projector(model.backbone(x))
+
+
+def reference(name, model, v1, v2):
+    """The paper's criterion from the method's parts, written out here (not through model.loss)."""
+    z1, z2 = online_embedding(model, v1), online_embedding(model, v2)
+    if name == "barlowtwins":
+        return barlow_twins_loss(z1, z2, lambd=0.3, gather=False)
+    if name == "vicreg":
+        return vicreg_loss(z1, z2, sim_coeff=3.0, std_coeff=7.0, cov_coeff=0.5, gather=False)
+    if name == "simclr":
+        return nt_xent_loss(z1, z2, temperature=0.9, gather=False)
+    if name == "moco":
+        with torch.no_grad():
+            k = F.normalize(model.key_projector(model.key_backbone(v2)), dim=1)
+        return moco_loss(z1, k, model.queue, temperature=0.7)
+    if name == "byol":
+        with torch.no_grad():
+            t1, t2 = (model.target_projector(model.target_backbone(v)) for v in (v1, v2))
+        return byol_loss(model.predictor(z1), t2) + byol_loss(model.predictor(z2), t1)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", list(NOT_THE_PAPERS))
+def test_loss_is_the_criterion_on_the_methods_own_views_with_the_config_values(name):
+    torch.manual_seed(0)
+    model = build(name, **NOT_THE_PAPERS[name]).train()
+    v1, v2 = views()
+    with torch.no_grad():
+        loss = model.loss(batch(v1, v2))
+        assert loss.item() == pytest.approx(reference(name, model, v1, v2).item(), rel=1e-5)
+        swapped = model.loss(batch(v2, v1))
+        duplicated = model.loss(batch(v1, v1))
+    if name == "moco":  # asymmetric: queries from view1, keys from view2
+        assert not math.isclose(swapped.item(), loss.item(), rel_tol=1e-4)
+        assert swapped.item() == pytest.approx(reference(name, model, v2, v1).item(), rel=1e-5)
+    else:  # symmetric criteria: the order of the views cannot matter
+        assert swapped.item() == pytest.approx(loss.item(), rel=1e-5)
+    assert not math.isclose(duplicated.item(), loss.item(), rel_tol=1e-3)  # both views reach the loss
+
+
+def test_byol_loss_has_both_directions():
+    torch.manual_seed(0)
+    model = build("byol").train()
+    v1, v2 = views()
+    with torch.no_grad():
+        z1, z2 = online_embedding(model, v1), online_embedding(model, v2)
+        t1, t2 = (model.target_projector(model.target_backbone(v)) for v in (v1, v2))
+        forward, backward = byol_loss(model.predictor(z1), t2), byol_loss(model.predictor(z2), t1)
+        assert not math.isclose(forward.item(), backward.item(), rel_tol=1e-3)
+        assert model.loss(batch(v1, v2)).item() == pytest.approx((forward + backward).item(), rel=1e-5)
+
+
+def test_autoencoder_reconstructs_view1_and_inpainting_fills_holes_against_the_clean_frame():
+    v1, v2 = views()
+    torch.manual_seed(0)
+    ae = build("autoencoder").train()
+    with torch.no_grad():
+        loss = ae.loss(batch(v1, v2))
+        assert loss.item() == pytest.approx(reconstruction_loss(ae.decoder(ae.backbone(v1)), v1).item(), rel=1e-5)
+        assert ae.loss(batch(v1, v1 + 5)).item() == pytest.approx(loss.item(), rel=1e-6)  # view2 is unused
+
+    torch.manual_seed(0)
+    inpaint = build("inpainting", n_holes=2, min_hole_frac=0.3, max_hole_frac=0.4, fill_value=-3.0).train()
+    with torch.no_grad():
+        torch.manual_seed(5)
+        loss = inpaint.loss(batch(v1, v2))
+        torch.manual_seed(5)
+        corrupted = inpaint.corrupt(v1)
+        expected = reconstruction_loss(inpaint.decoder(inpaint.backbone(corrupted)), v1)  # target: the clean frame
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    holes = corrupted != v1
+    assert 0.05 < holes.float().mean() < 0.5 and torch.all(corrupted[holes] == -3.0)
+
+
+@pytest.mark.parametrize("name, target_attr", [("byol", "target_backbone"), ("moco", "key_backbone")])
+def test_ema_follows_the_configured_cosine_schedule_at_several_steps(name, target_attr):
+    model = build(name, tau_base=0.9, tau_final=0.99)
+    model.total_steps = 10
+    model.all_gather = lambda x: x  # one process
+    online, target = model.backbone, getattr(model, target_attr)
+    for step in (0, 5, 10):
+        with torch.no_grad():
+            for p in online.parameters():
+                p.fill_(1.0)
+            for p in target.parameters():
+                p.fill_(0.0)
+        model._pending_keys = [torch.zeros(4, model.queue.shape[1])] if name == "moco" else []
+        model.after_optimizer_step(step)
+        tau = 0.99 - (0.99 - 0.9) * (math.cos(math.pi * step / 10) + 1) / 2
+        assert tau == pytest.approx(cosine_tau(step, 10, 0.9, 0.99))
+        got = next(target.parameters()).flatten()[0].item()
+        assert got == pytest.approx(1 - tau, abs=1e-6), f"step {step}"  # target <- tau * 0 + (1 - tau) * 1
+    assert [round(cosine_tau(s, 10, 0.9, 0.99), 6) for s in (0, 10)] == [0.9, 0.99]
