@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -61,7 +62,8 @@ def finetune_cfg(source: Path, mode: str = "linear", **trainer):
         "init": OmegaConf.load(CONF / "init" / "random.yaml"),
         "finetune_mode": OmegaConf.load(CONF / "finetune_mode" / f"{mode}.yaml"),
         "feature_cache_dir": None,
-        "classifier": {"class_weighted": True, "weight_decay": 0.01, "warmup_fraction": 0.1},
+        "classifier": {"class_weighted": True, "warmup_fraction": 0.1,
+                       "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "weight_decay": 0.01}},
         "monitor": "val/balanced_accuracy",
         "monitor_mode": "max",
         "trainer": {"_target_": "lightning.Trainer", "accelerator": "cpu", "devices": 1, "max_epochs": 2,
@@ -87,7 +89,7 @@ def random_batches(n=16, seed=0):
 def classifier(trainable: str, backbone=None, **kwargs) -> PlaneClassifier:
     backbone = backbone or timm.create_model("resnet18", num_classes=0, pretrained=False)
     args = dict(num_features=getattr(backbone, "num_features", None), classes=CLASSES, trainable=trainable, head_lr=1e-2,
-                backbone_lr=1e-2, weight_decay=0.01, warmup_fraction=0.0, head_dropout=0.0, feature_norm=False,
+                backbone_lr=1e-2, optimizer=partial(torch.optim.AdamW, weight_decay=0.01), warmup_fraction=0.0, head_dropout=0.0, feature_norm=False,
                 class_weights=None, init_weights=None)
     return PlaneClassifier(backbone, **{**args, **kwargs})
 

@@ -3,6 +3,7 @@
 import csv
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +13,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from fetalssl.cli import predict as predict_cli
-from fetalssl.data.synthetic import (
-    PLANES,
-    generate_demo_data,
-    render_sweep,
-    sample_patient_anatomy,
-    write_video,
-)
+from fetalssl.demo.generate import DemoDataSpec, generate_demo_data, write_video
+from fetalssl.demo.render import PLANES, render_sweep, sample_patient_anatomy
 from fetalssl.finetune.classifier import PlaneClassifier
 from fetalssl.predict.model import RUN_CHECKPOINT, RUN_CONFIG, load_run
 from fetalssl.predict.predictor import load_predictor
@@ -39,8 +35,8 @@ def make_run_dir(root: Path, image_size: int = 32, seed: int = 0) -> Path:
     cfg.data.update(root="unused", image_size=image_size)
     torch.manual_seed(seed)
     backbone = instantiate(cfg.backbone)
-    model = PlaneClassifier(backbone, backbone.num_features, list(cfg.data.classes), "all", 1e-3, 1e-3, 0.0,
-                            0.0, 0.0, False, None, None)
+    model = PlaneClassifier(backbone, backbone.num_features, list(cfg.data.classes), "all", 1e-3, 1e-3,
+                            partial(torch.optim.AdamW, weight_decay=0.0), 0.0, 0.0, False, None, None)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -105,7 +101,7 @@ def test_checkpoint_predictor_matches_the_lightning_classifier(run_dir):
     model, meta = load_run(run_dir)
     state = torch.load(run_dir / RUN_CHECKPOINT, weights_only=True)["state_dict"]
     classifier = PlaneClassifier(instantiate(OmegaConf.load(run_dir / RUN_CONFIG).backbone, in_chans=3), 512,
-                                 meta.classes, "all", 1e-3, 1e-3, 0.0, 0.0, 0.0, False, None, None)
+                                 meta.classes, "all", 1e-3, 1e-3, partial(torch.optim.AdamW), 0.0, 0.0, False, None, None)
     classifier.load_state_dict(state)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
@@ -190,7 +186,8 @@ def finetune_cfg_64px(root: Path, max_epochs: int):
         "backbone": OmegaConf.load(CONF / "backbone" / "resnet18.yaml"),
         "init": OmegaConf.load(CONF / "init" / "random.yaml"),
         "finetune_mode": OmegaConf.load(CONF / "finetune_mode" / "full.yaml"),
-        "classifier": {"class_weighted": True, "weight_decay": 0.01, "warmup_fraction": 0.05},
+        "classifier": {"class_weighted": True, "warmup_fraction": 0.05,
+                       "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "weight_decay": 0.01}},
         "monitor": "val/balanced_accuracy", "monitor_mode": "max",
         "trainer": {"_target_": "lightning.Trainer", "accelerator": "cpu", "devices": 1, "max_epochs": max_epochs,
                     "logger": False, "enable_progress_bar": False, "enable_model_summary": False},
@@ -206,8 +203,9 @@ def test_best_frame_of_each_plane_lies_in_its_true_segment_after_finetuning_on_d
     from fetalssl.finetune.run import run_finetune
 
     data = tmp_path / "demo"
-    generate_demo_data(data, video_patients=2, videos_per_patient=1, frames=60, size=64, fps=10,
-                       still_patients=12, stills=150, still_size=64, overlap=0, seed=0, avi_every=0)
+    generate_demo_data(data, DemoDataSpec(video_patients=2, videos_per_patient=1, frames=60, size=64, fps=10,
+                                          still_patients=12, stills=150, still_size=64, overlap=0, seed=0,
+                                          avi_every=0), overwrite=False)
     run = tmp_path / "run"
     cfg = finetune_cfg_64px(data, max_epochs=8)
     run_finetune(cfg, run)

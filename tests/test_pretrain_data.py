@@ -70,6 +70,7 @@ def make_dm(root, tmp_path, pair_sampler=None, views=None, **overrides):
         batch_size=4,
         num_workers=0,
         samples_per_video=6,
+        max_open_memmaps=2,  # fewer than the videos: the LRU closes and reopens them
         val_fraction=0.4,
         seed=0,
         pair_sampler=pair_sampler or SameFramePairs(),

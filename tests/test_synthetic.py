@@ -14,8 +14,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from fetalssl.cli import demo_data
-from fetalssl.data import synthetic
-from fetalssl.data.synthetic import PLANES, TRANSITION, file_digests, generate_demo_data, render_plane_image
+from fetalssl.demo import generate as synthetic
+from fetalssl.demo.generate import DemoDataSpec, file_digests
+from fetalssl.demo.generate import generate_demo_data as _generate
+from fetalssl.demo.render import MIN_SWEEP_FRAMES, PLANES, TRANSITION, render_plane_image
 
 SMALL = dict(
     video_patients=2,
@@ -29,6 +31,10 @@ SMALL = dict(
     overlap=1,
     avi_every=2,
 )
+
+
+def generate_demo_data(out, seed, overwrite=False, **params):
+    return _generate(out, DemoDataSpec(seed=seed, **params), overwrite)
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -165,7 +171,7 @@ def test_render_plane_image_is_deterministic_and_validates_plane():
 
 
 def test_bad_parameters_fail_before_anything_is_written(tmp_path):
-    bad_frames = dict(SMALL, frames=synthetic.MIN_SWEEP_FRAMES - 1)
+    bad_frames = dict(SMALL, frames=MIN_SWEEP_FRAMES - 1)
     with pytest.raises(ValueError, match="at least"):
         generate_demo_data(tmp_path / "x", seed=0, **bad_frames)
     with pytest.raises(ValueError, match="even"):

@@ -7,7 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from fetalssl.data.synthetic import MIN_SWEEP_FRAMES, generate_demo_data
+from fetalssl.demo.generate import DemoDataSpec, generate_demo_data
+from fetalssl.demo.render import MIN_SWEEP_FRAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        summary = generate_demo_data(
-            args.out,
+        spec = DemoDataSpec(
             video_patients=args.patients,
             videos_per_patient=args.videos_per_patient,
             frames=args.frames,
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             overlap=args.overlap,
             seed=args.seed,
             avi_every=args.avi_every,
-            overwrite=args.overwrite,
         )
+        summary = generate_demo_data(args.out, spec, args.overwrite)
     except (ValueError, FileExistsError) as e:
         print(f"fetalssl-demo-data: error: {e}", file=sys.stderr)
         return 2

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 CACHE_DIRNAME = ".fetalssl_cache"
 CACHE_RGB = False  # frames are cached grayscale; 3-channel inputs replicate gray (see with_channels)
-MAX_OPEN_MEMMAPS = 256  # per worker: bounds open file handles on datasets with thousands of videos
 
 
 def default_cache_dir(root: str | Path | None, manifest: str | Path | None) -> Path:
@@ -96,6 +95,7 @@ class FramePairDataset(Dataset):
         seed: int,
         mean: float,
         std: float,
+        max_open_memmaps: int,
     ):
         if not videos:
             raise ValueError("FramePairDataset needs at least one video")
@@ -108,6 +108,7 @@ class FramePairDataset(Dataset):
         self.seed = seed
         self.mean = mean
         self.std = std
+        self.max_open_memmaps = max_open_memmaps
         self.epoch = 0
         self._open: OrderedDict[int, np.ndarray] = OrderedDict()
 
@@ -125,7 +126,7 @@ class FramePairDataset(Dataset):
             self._open.move_to_end(video_index)
         else:
             self._open[video_index] = self.videos[video_index].frames()
-            if len(self._open) > MAX_OPEN_MEMMAPS:
+            if len(self._open) > self.max_open_memmaps:
                 self._open.popitem(last=False)
         return self._open[video_index]
 
@@ -277,6 +278,7 @@ class VideoFramePairDataModule(L.LightningDataModule):
         batch_size: int,
         num_workers: int,
         samples_per_video: int,
+        max_open_memmaps: int,
         val_fraction: float,
         seed: int,
         pair_sampler,
@@ -300,6 +302,7 @@ class VideoFramePairDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.samples_per_video = samples_per_video
+        self.max_open_memmaps = max_open_memmaps
         self.val_fraction = val_fraction
         self.seed = seed
         self.pair_sampler = pair_sampler
@@ -354,6 +357,7 @@ class VideoFramePairDataModule(L.LightningDataModule):
             seed,
             self.mean,
             self.std,
+            self.max_open_memmaps,
         )
 
     def _loader(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from fetalssl.finetune.metrics import SCALAR_METRICS, metric_collection
@@ -31,15 +32,15 @@ class PlaneClassifier(L.LightningModule):
     trainable: "none" (linear probe: backbone frozen and always in eval mode, BN statistics untouched),
     "last_stage" (partial) or "all" (full); see fetalssl.finetune.modes. The backbone may be `nn.Identity()`
     when batches already hold features (cached linear probe); `num_features` is then the feature size.
-    Optimiser: AdamW with separate head / backbone learning rates; biases and norm weights get no weight
-    decay; per-step linear warm-up over `warmup_fraction` of all steps, then cosine decay to 0.
+    Optimiser: ``optimizer`` (a partial, conf/finetune.yaml classifier.optimizer: AdamW) with separate head /
+    backbone learning rates; biases and norm weights get no weight decay; per-step linear warm-up over `warmup_fraction` of all steps, then cosine decay to 0.
     `class_weights` (N / N_c) weight the cross-entropy; None means unweighted. `init_weights` is the provenance
     of the backbone's starting weights (fetalssl.finetune.init.build_backbone), stored in every checkpoint.
     Logs {train,val,test}/loss and {val,test}/{macro_f1, balanced_accuracy, accuracy, f1_<class>}.
     """
 
     def __init__(self, backbone: nn.Module, num_features: int, classes: Sequence[str], trainable: str,
-                 head_lr: float, backbone_lr: float, weight_decay: float, warmup_fraction: float,
+                 head_lr: float, backbone_lr: float, optimizer: Callable[..., Optimizer], warmup_fraction: float,
                  head_dropout: float, feature_norm: bool, class_weights: torch.Tensor | None,
                  init_weights: dict[str, str] | None):
         super().__init__()
@@ -48,7 +49,8 @@ class PlaneClassifier(L.LightningModule):
                              f"(trainable=all), not trainable={trainable}")
         if class_weights is not None and len(class_weights) != len(classes):
             raise ValueError(f"{len(class_weights)} class weights for {len(classes)} classes")
-        self.save_hyperparameters(ignore=["backbone", "class_weights", "init_weights"])
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "class_weights", "init_weights"])
+        self.optimizer_factory = optimizer
         self.init_weights = init_weights
         self.classes = list(classes)
         self.backbone = backbone
@@ -126,7 +128,7 @@ class PlaneClassifier(L.LightningModule):
         groups = []
         for module, lr in ((self.head, hp.head_lr), (self.backbone, hp.backbone_lr)):
             groups += [{**g, "lr": lr} for g in parameter_groups([module]) if g["params"]]
-        optimizer = torch.optim.AdamW(groups, lr=hp.head_lr, weight_decay=hp.weight_decay)
+        optimizer = self.optimizer_factory(groups, lr=hp.head_lr)
         total_steps = int(self.trainer.estimated_stepping_batches)
         warmup_steps = round(hp.warmup_fraction * total_steps)
         scheduler = LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps))

@@ -2,7 +2,7 @@
 
 Config keys read (see conf/finetune.yaml): seed, data (conf/data/labelled.yaml), backbone (conf/backbone),
 init (conf/init), finetune_mode (conf/finetune_mode), feature_cache_dir, classifier {class_weighted,
-weight_decay, warmup_fraction}, monitor, monitor_mode, trainer, and optionally callbacks / logger (as for pretraining).
+optimizer, warmup_fraction}, monitor, monitor_mode, trainer, and optionally callbacks / logger (as for pretraining).
 
 Files written to `output_dir`: train_subset.csv, checkpoints/best.ckpt (weights of the best `monitor` epoch),
 predictions.csv (test) and val_predictions.csv, confusion_matrix.{csv,png} (test), metrics.json (with a
@@ -97,7 +97,7 @@ def _train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         backbone = nn.Identity()
     model = PlaneClassifier(
         backbone=backbone, num_features=num_features, classes=images.classes, trainable=mode.trainable,
-        head_lr=mode.head_lr, backbone_lr=mode.backbone_lr, weight_decay=cfg.classifier.weight_decay,
+        head_lr=mode.head_lr, backbone_lr=mode.backbone_lr, optimizer=instantiate(cfg.classifier.optimizer),
         warmup_fraction=cfg.classifier.warmup_fraction, head_dropout=mode.head_dropout, feature_norm=mode.feature_norm,
         class_weights=images.class_weights() if cfg.classifier.class_weighted else None, init_weights=init_weights)
 

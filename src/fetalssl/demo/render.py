@@ -1,50 +1,25 @@
-"""Synthetic fetal echocardiography data: cine sweeps through the five standard planes and labelled stills.
+"""Rendering of the synthetic scans: per-patient "anatomy" (ellipses, tubes, circles with bright walls and
+dark blood pools) drawn for each standard plane, pushed through a crude ultrasound model (fan-shaped sector,
+multiplicative Rayleigh speckle, depth attenuation, log compression, scanner auto-gain, burned-in overlay),
+and sweeps through the five planes with transitions, heartbeat and probe jitter.
 
-No real data can be shipped or downloaded, so the demo pipeline runs on images drawn from geometric
-"anatomy" (ellipses, tubes, circles with bright walls and dark blood pools) pushed through a crude
-ultrasound model: fan-shaped sector, multiplicative Rayleigh speckle, depth attenuation, log compression,
-scanner auto-gain and a burned-in text/caliper overlay.
-
-Layout written by `generate_demo_data(OUT, ...)`:
-    OUT/videos/<patient_id>/scanNN.mp4|.avi   cine sweep 4CH -> LVOT -> RVOT -> 3VV -> 3VT
-    OUT/videos/<patient_id>/scanNN.csv        frame,plane (plane or "transition" per frame)
-    OUT/frames/<label>/<patient_id>_<n>.png   labelled stills
-    OUT/labels.csv                            image_path,label,patient_id (image_path relative to OUT)
-    OUT/manifest.json                         summary; written last
-
-Determinism: every random draw comes from a generator seeded by ``(seed, stream, index)`` so each file
-depends only on the seed and its own index, never on generation order. Video encoding runs single-threaded
-(x264 with threads=1 is bit-exact) and the containers carry no timestamps, so the same seed gives
-byte-identical files.
+Every random draw comes from a generator seeded by ``(seed, stream, index)`` (`seeded_rng`).
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
-import logging
 import math
-import os
-import shutil
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
-from fractions import Fraction
-from pathlib import Path
+from dataclasses import dataclass, replace
 
-import av
 import cv2
 import numpy as np
 
-logger = logging.getLogger(__name__)
-
 PLANES: tuple[str, ...] = ("4CH", "LVOT", "RVOT", "3VV", "3VT")
 TRANSITION = "transition"
-MANIFEST_NAME = "manifest.json"
 
 # Random streams: keep each kind of item independent of the others and of generation order.
-_STREAM_PATIENT, _STREAM_VIDEO, _STREAM_STILL = 1, 2, 3
+STREAM_PATIENT, STREAM_VIDEO, STREAM_STILL = 1, 2, 3
 
 # Canonical anatomy is drawn at this multiple of the output size, then warped down (cheap anti-aliasing).
 _SUPERSAMPLE = 2
@@ -62,7 +37,8 @@ _MIN_TRANSITION_FRAMES = 2
 MIN_SWEEP_FRAMES = len(PLANES) * _MIN_HOLD_FRAMES + (len(PLANES) - 1) * _MIN_TRANSITION_FRAMES
 
 
-def _rng(seed: int, stream: int, index: int) -> np.random.Generator:
+def seeded_rng(seed: int, stream: int, index: int) -> np.random.Generator:
+    """The generator of item ``index`` of one kind (``stream``): independent of generation order."""
     return np.random.default_rng([seed, stream, index])
 
 
@@ -535,217 +511,3 @@ def _slide(pose: Pose, amount: float) -> Pose:
 
 # --------------------------------------------------------------------------------------------------
 # Writing
-
-
-def write_video(path: Path, frames: np.ndarray, fps: float) -> None:
-    """Grayscale frames (T,H,W uint8) -> .mp4 (h264/yuv420p) or .avi (mpeg4). Single-threaded encoding so
-    the bytes depend only on the frames."""
-    t, h, w = frames.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"{path}: video dimensions must be even for yuv420p, got {w}x{h}")
-    suffix = path.suffix.lower()
-    # (container, codec, codec options, bit rate); mpeg4 is rate-controlled, x264 uses constant quality.
-    codecs = {
-        ".mp4": ("mp4", "libx264", {"crf": "18", "preset": "veryfast", "threads": "1"}, None),
-        ".avi": ("avi", "mpeg4", {}, 4_000_000),
-    }
-    if suffix not in codecs:
-        raise ValueError(f"{path}: unsupported video suffix {suffix!r}; use .mp4 or .avi")
-    fmt, codec, options, bit_rate = codecs[suffix]
-    with av.open(str(path), "w", format=fmt) as container:
-        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.thread_count = 1
-        stream.options = options
-        if bit_rate:
-            stream.bit_rate = bit_rate
-        for i, frame in enumerate(frames):
-            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="gray")
-            vf.pts = i
-            container.mux(stream.encode(vf))
-        container.mux(stream.encode())
-
-
-def _write_plane_csv(path: Path, labels: Sequence[str]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["frame", "plane"])
-        writer.writerows(enumerate(labels))
-
-
-@dataclass(frozen=True)
-class DemoDataSummary:
-    out: str
-    seed: int
-    video_patients: list[str]
-    still_patients: list[str]
-    videos: list[str]  # relative to out
-    n_video_frames: int
-    stills_per_class: dict[str, int]
-    params: dict = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        # `out` is left out of the manifest so that the bytes do not depend on where data was written.
-        d = asdict(self)
-        d.pop("out")
-        return json.dumps(d, indent=2, sort_keys=True) + "\n"
-
-
-def patient_id(index: int) -> str:
-    return f"P{index:04d}"
-
-
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    staging = out.parent / f".{out.name}.partial"
-    if staging.exists():  # leftover from an interrupted run of ours
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    return staging
-
-
-def _publish(staging: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(staging, out)
-
-
-def generate_demo_data(
-    out: Path,
-    *,
-    video_patients: int,
-    videos_per_patient: int,
-    frames: int,
-    size: int,
-    fps: float,
-    still_patients: int,
-    stills: int,
-    still_size: int,
-    overlap: int,
-    seed: int,
-    avi_every: int,
-    overwrite: bool = False,
-) -> DemoDataSummary:
-    """Write the demo data set (layout in the module docstring) into `out`.
-
-    Everything is generated in a hidden sibling `.<out>.partial` and renamed to `out` at the end, with
-    `manifest.json` as the last file written, so an interrupted run never looks complete.
-    Still patients are numbered after the video patients, except the first `overlap` of them, who are
-    also video patients.
-    """
-    counts = dict(
-        video_patients=video_patients,
-        videos_per_patient=videos_per_patient,
-        still_patients=still_patients,
-        stills=stills,
-        overlap=overlap,
-        avi_every=avi_every,
-    )
-    for name, value in counts.items():
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    has_videos = video_patients * videos_per_patient > 0
-    if has_videos and size % 2:
-        raise ValueError(f"video size must be even (h264/yuv420p), got {size}")
-    if has_videos and frames < MIN_SWEEP_FRAMES:
-        raise ValueError(f"a sweep needs at least {MIN_SWEEP_FRAMES} frames, got {frames}")
-    if has_videos and fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
-    if stills and still_size < 16:
-        raise ValueError(f"still size must be >= 16 px, got {still_size}")
-    if not 0 <= overlap <= min(video_patients, still_patients):
-        raise ValueError(f"overlap must be in [0, min(video patients, still patients)], got {overlap}")
-    if stills and still_patients < 1:
-        raise ValueError("stills requested but still_patients is 0")
-    out = Path(out)
-    t0 = time.perf_counter()
-    staging = _prepare_out(out, overwrite)
-
-    anatomy_cache: dict[int, PatientAnatomy] = {}
-
-    def anatomy_of(index: int) -> PatientAnatomy:
-        if index not in anatomy_cache:
-            anatomy_cache[index] = sample_patient_anatomy(_rng(seed, _STREAM_PATIENT, index))
-        return anatomy_cache[index]
-
-    videos: list[str] = []
-    n_video_frames = 0
-    for p in range(video_patients):
-        pid = patient_id(p)
-        (staging / "videos" / pid).mkdir(parents=True)
-        for v in range(videos_per_patient):
-            k = p * videos_per_patient + v
-            rng = _rng(seed, _STREAM_VIDEO, k)
-            clip, labels = render_sweep(anatomy_of(p), n_frames=frames, size=size, fps=fps, rng=rng)
-            suffix = ".avi" if avi_every and k % avi_every == avi_every - 1 else ".mp4"
-            rel = Path("videos") / pid / f"scan{v:02d}{suffix}"
-            write_video(staging / rel, clip, fps)
-            _write_plane_csv((staging / rel).with_suffix(".csv"), labels)
-            videos.append(rel.as_posix())
-            n_video_frames += len(labels)
-
-    still_indices = [video_patients - overlap + j for j in range(still_patients)]
-    per_class = dict.fromkeys(PLANES, 0)
-    per_patient = dict.fromkeys(still_indices, 0)
-    rows = []
-    for k in range(stills):
-        # Round-robin over planes keeps the classes balanced to within one image; each block of five
-        # goes to one patient so that every patient contributes all planes.
-        plane = PLANES[k % len(PLANES)]
-        p = still_indices[(k // len(PLANES)) % still_patients]
-        img = render_plane_image(
-            plane, size=still_size, rng=_rng(seed, _STREAM_STILL, k), anatomy=anatomy_of(p)
-        )
-        rel = Path("frames") / plane / f"{patient_id(p)}_{per_patient[p]}.png"
-        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-        if not cv2.imwrite(str(staging / rel), img):
-            raise OSError(f"could not write {staging / rel}")
-        per_patient[p] += 1
-        per_class[plane] += 1
-        rows.append((rel.as_posix(), plane, patient_id(p)))
-    with (staging / "labels.csv").open("w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["image_path", "label", "patient_id"])
-        writer.writerows(rows)
-
-    summary = DemoDataSummary(
-        out=str(out),
-        seed=seed,
-        video_patients=[patient_id(p) for p in range(video_patients)],
-        still_patients=[patient_id(p) for p in still_indices if per_patient[p]],
-        videos=videos,
-        n_video_frames=n_video_frames,
-        stills_per_class=per_class,
-        params=dict(
-            videos_per_patient=videos_per_patient,
-            frames=frames,
-            size=size,
-            fps=fps,
-            stills=stills,
-            still_size=still_size,
-            overlap=overlap,
-            avi_every=avi_every,
-        ),
-    )
-    (staging / MANIFEST_NAME).write_text(summary.to_json())
-    _publish(staging, out)
-    logger.info(
-        "wrote %d videos (%d frames) and %d stills to %s in %.1f s",
-        len(videos),
-        n_video_frames,
-        stills,
-        out,
-        time.perf_counter() - t0,
-    )
-    return summary
-
-
-def file_digests(root: Path) -> dict[str, str]:
-    """sha256 of every file under root, keyed by relative path (for determinism checks)."""
-    root = Path(root)
-    return {
-        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
