@@ -7,7 +7,7 @@ DEMO    := .demo
 export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-full lint clean-demo
+.PHONY: install demo test test-slow test-full lint clean-demo
 
 # Reinstall only when the package metadata changes (the install is editable, so code edits need none).
 $(STAMP): pyproject.toml
@@ -19,6 +19,9 @@ install: $(STAMP)
 
 test: install
 	$(BIN)/pytest -q
+
+test-slow: install
+	$(BIN)/pytest -q -m slow
 
 test-full: install
 	$(BIN)/pytest -q -m ""

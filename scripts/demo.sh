@@ -2,8 +2,9 @@
 # `make demo`: the whole pipeline on built-in synthetic data, on CPU, in about ten minutes.
 #   1. generate synthetic fetal-echo videos and labelled stills
 #   2. pretrain BarlowTwins on the videos
-#   3. fine-tune random vs SSL initialisation at two label fractions, linear and full
-#   4. print the report table
+#   3. fine-tune random vs SSL initialisation at two label fractions, linear probe (cached features) and full,
+#      3 seeds each
+#   4. print the report table (mean ± std over seeds) and SSL - random with a paired bootstrap interval
 set -euo pipefail
 DEMO=${1:-.demo}
 BIN=.venv/bin
@@ -15,6 +16,6 @@ RUNS=$DEMO/runs
 $BIN/fetalssl-train experiment=demo data.root="$DATA" paths.output_root="$RUNS" run_id=demo
 
 $BIN/fetalssl-finetune -m experiment=demo_finetune data.root="$DATA" paths.output_root="$RUNS" run_id=demo \
-  init=random,ssl_barlowtwins finetune_mode=linear,full data_fraction=pct10,pct100
+  init=random,ssl_barlowtwins finetune_mode=linear_cached,full data_fraction=pct10,pct100 seed=0,1,2
 
-$BIN/fetalssl-report "$RUNS/finetune_sweep/demo"
+$BIN/fetalssl-report "$RUNS/finetune_sweep/demo" --compare random ssl:barlowtwins

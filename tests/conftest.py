@@ -26,3 +26,11 @@ def tiny_demo_data(tmp_path_factory) -> Path:
     run_cli("fetalssl-demo-data", out, "--patients", 2, "--videos-per-patient", 1, "--frames", 30, "--size", 64,
             "--still-patients", 10, "--stills", 50, "--still-size", 64)
     return out
+
+
+def init_config(name: str):
+    """conf/init/<name>.yaml as fetalssl-finetune composes it (with the weight keys every init shares)."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("fetalssl.conf", version_base="1.3"):
+        return compose("finetune", overrides=[f"init={name}", "data.root=unused"]).init

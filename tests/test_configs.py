@@ -95,3 +95,61 @@ def test_pocus_reproduction_script_commands_compose(tmp_path):
         elif name == "fetalssl-report":
             compared = {side.split("@")[0] for i, a in enumerate(args) if a == "--compare" for side in args[i + 1:i + 3]}
             assert compared == {"hog", "random", "ssl:barlowtwins", "ssl:simclr", "ssl:byol"}
+
+
+PRETRAINING_PRESETS = [p for p in choices("experiment") if "package _global_" in (CONF / "experiment" / f"{p}.yaml").read_text()
+                       and "finetune" not in p and p != "paper_grid"]
+
+
+@pytest.mark.parametrize("preset, method", list(itertools.product(PRETRAINING_PRESETS, choices("method"))))
+def test_every_pretraining_preset_trains_every_method_for_two_steps(preset, method, tmp_path):
+    import lightning as L
+    from hydra.utils import instantiate
+    from torch.utils.data import DataLoader
+
+    from test_methods import RandomPairs
+
+    cfg = composed("train", [f"experiment={preset}", f"method={method}", "data.root=/data", "data.channels=1",
+                             "data.image_size=32", "data.batch_size=16"])
+    model = instantiate(cfg.method, backbone=instantiate(cfg.backbone))  # the preset's heads with this method's
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, DataLoader(RandomPairs(n=32), batch_size=16, drop_last=True))
+    assert trainer.global_step == 2 and trainer.callback_metrics["train/loss"].isfinite()
+
+
+def test_presets_change_method_specific_keys_only_through_method_preset_files():
+    for preset in PRETRAINING_PRESETS:
+        text = (CONF / "experiment" / f"{preset}.yaml").read_text()
+        keys = OmegaConf.create(text).get("method", {})
+        # only keys that mean the same for every method; the rest belongs in method_preset/<preset>_<method>.yaml
+        assert set(keys) <= {"warmup_epochs"}, f"{preset} sets method keys {sorted(keys)}"
+
+
+COMMON_TRAINER_KEYS = ["trainer.max_steps=100", "trainer.val_check_interval=0.5", "trainer.limit_train_batches=20",
+                       "trainer.limit_val_batches=0.5", "trainer.limit_test_batches=1.0", "trainer.gradient_clip_val=1.0",
+                       "trainer.accumulate_grad_batches=2", "trainer.check_val_every_n_epoch=2"]
+
+
+@pytest.mark.parametrize("config", ["train", "finetune"])
+@pytest.mark.parametrize("trainer", choices("trainer"))
+def test_common_trainer_keys_work_as_typed_and_reach_lightning(config, trainer):
+    from hydra.utils import instantiate
+
+    cfg = composed(config, [f"trainer={trainer}", "data.root=/data", *COMMON_TRAINER_KEYS])
+    assert (cfg.trainer.max_steps, cfg.trainer.accumulate_grad_batches) == (100, 2)
+    if trainer != "cpu":
+        return  # only a CPU trainer can be built here
+    built = instantiate(cfg.trainer, default_root_dir="/tmp", enable_checkpointing=False, logger=False)
+    assert (built.max_steps, built.val_check_interval, built.limit_train_batches, built.limit_val_batches,
+            built.gradient_clip_val, built.accumulate_grad_batches, built.check_val_every_n_epoch) == (
+        100, 0.5, 20, 0.5, 1.0, 2, 2)
+
+
+def test_a_sweep_mixing_inits_takes_the_weight_keys_as_typed():
+    # fetalssl-finetune -m init=random,imagenet,hog,ssl,ssl_byol init.checkpoint=... init.ssl_dir=...: every point
+    for init in choices("init"):
+        cfg = composed("finetune", [f"init={init}", "data.root=/data", "init.checkpoint=/w/backbone.pt",
+                                    "init.ssl_dir=/w", "init.on_multiple=latest", "init.pretrained_path=/w/in1k.pth"])
+        assert (cfg.init.checkpoint, cfg.init.ssl_dir, cfg.init.on_multiple) == ("/w/backbone.pt", "/w", "latest")
+        assert cfg.init.pretrained_path == "/w/in1k.pth"

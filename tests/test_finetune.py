@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from sklearn.metrics import balanced_accuracy_score, f1_score
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import init_config
 from fetalssl.data.splits import ManifestError
 from fetalssl.finetune.classifier import PlaneClassifier
 from fetalssl.finetune.features import CachedFeatureDataModule
@@ -59,7 +60,7 @@ def finetune_cfg(source: Path, mode: str = "linear", **trainer):
         "data": OmegaConf.load(CONF / "data" / "labelled.yaml"),
         "backbone": {"_target_": "fetalssl.models.backbones.create_backbone", "name": "resnet18",
                      "in_chans": "${data.channels}", "pretrained_path": None, "zero_init_last": False, "trust_pickle": False},
-        "init": OmegaConf.load(CONF / "init" / "random.yaml"),
+        "init": init_config("random"),
         "finetune_mode": OmegaConf.load(CONF / "finetune_mode" / f"{mode}.yaml"),
         "feature_cache_dir": None,
         "classifier": {"class_weighted": True, "warmup_fraction": 0.1,
@@ -312,7 +313,7 @@ def test_ssl_init_loads_the_pretrained_weights(tmp_path):
     state = torch.load(path)
     backbone_cfg = OmegaConf.create({"_target_": "fetalssl.models.backbones.create_backbone", "name": "resnet18",
                                      "in_chans": 3, "pretrained_path": None, "zero_init_last": False, "trust_pickle": False})
-    init = OmegaConf.load(CONF / "init" / "ssl.yaml")
+    init = init_config("ssl")
     init.update(ssl_dir=str(tmp_path), method="barlowtwins")
     backbone, record = build_backbone(backbone_cfg, init)
     loaded = backbone.state_dict()
@@ -321,7 +322,7 @@ def test_ssl_init_loads_the_pretrained_weights(tmp_path):
     init.update(ssl_dir=None, method=None)
     with pytest.raises(ValueError, match="needs init.checkpoint"):
         build_backbone(backbone_cfg, init)
-    imagenet = OmegaConf.load(CONF / "init" / "imagenet.yaml")
+    imagenet = init_config("imagenet")
     imagenet.pretrained_path = str(tmp_path / "missing.pth")
     with pytest.raises(FileNotFoundError, match="missing.pth does not exist"):
         build_backbone(backbone_cfg, imagenet)
@@ -330,7 +331,7 @@ def test_ssl_init_loads_the_pretrained_weights(tmp_path):
 def test_random_init_keeps_last_bn_weight_at_one():
     backbone_cfg = OmegaConf.create({"_target_": "fetalssl.models.backbones.create_backbone", "name": "resnet18",
                                      "in_chans": 1, "pretrained_path": None, "zero_init_last": True, "trust_pickle": False})
-    backbone, record = build_backbone(backbone_cfg, OmegaConf.load(CONF / "init" / "random.yaml"))
+    backbone, record = build_backbone(backbone_cfg, init_config("random"))
     assert record is None
     assert torch.all(backbone.layer1[0].bn2.weight == 1)  # init/random.yaml overrides the backbone's choice
 
@@ -405,7 +406,7 @@ def test_run_records_its_init_weights_and_predict_uses_exactly_that_file(tmp_pat
     weights = _pretrain_run(tmp_path / "pretrain" / "barlowtwins" / "r", "barlowtwins")
     cfg = finetune_cfg(make_images(tmp_path / "data"))
     cfg.finetune_mode.cache_features = True  # head-only checkpoint: predict must rebuild the backbone
-    cfg.init = OmegaConf.load(CONF / "init" / "ssl.yaml")
+    cfg.init = init_config("ssl")
     cfg.init.update(ssl_dir=str(tmp_path / "pretrain"), method="barlowtwins")
     out = tmp_path / "run"
     result = run_finetune(cfg, out)

@@ -3,10 +3,9 @@
 import csv
 import json
 
-from omegaconf import OmegaConf
-
+from conftest import init_config
 from fetalssl.finetune.run import run_finetune
-from test_finetune import CONF, finetune_cfg, make_images
+from test_finetune import finetune_cfg, make_images
 
 
 def test_hog_baseline_learns_a_hog_visible_pattern_and_writes_video_metrics(tmp_path):
@@ -17,7 +16,7 @@ def test_hog_baseline_learns_a_hog_visible_pattern_and_writes_video_metrics(tmp_
         writer.writeheader()
         writer.writerows({**r, "video": f"{r['patient_id']}_{r['label']}"} for r in rows)
     cfg = finetune_cfg(labels)
-    cfg.init = OmegaConf.load(CONF / "init" / "hog.yaml")
+    cfg.init = init_config("hog")
     result = run_finetune(cfg, tmp_path / "run")
 
     assert result["status"] == "ok" and result["features"] == "hog"

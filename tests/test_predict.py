@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from conftest import init_config
 from fetalssl.cli import predict as predict_cli
 from fetalssl.demo.generate import DemoDataSpec, generate_demo_data, write_video
 from fetalssl.demo.render import PLANES, render_sweep, sample_patient_anatomy
@@ -30,7 +31,7 @@ def make_run_dir(root: Path, image_size: int = 32, seed: int = 0) -> Path:
     non-trivial BatchNorm statistics, so probabilities are far from uniform without any training."""
     cfg = OmegaConf.create({"data": OmegaConf.load(CONF / "data" / "labelled.yaml"),
                             "backbone": OmegaConf.load(CONF / "backbone" / "resnet18.yaml"),
-                            "init": OmegaConf.load(CONF / "init" / "random.yaml"),
+                            "init": init_config("random"),
                             "finetune_mode": OmegaConf.load(CONF / "finetune_mode" / "full.yaml")})
     cfg.data.update(root="unused", image_size=image_size)
     torch.manual_seed(seed)
@@ -184,7 +185,7 @@ def finetune_cfg_64px(root: Path, max_epochs: int):
         "seed": 0,
         "data": OmegaConf.load(CONF / "data" / "labelled.yaml"),
         "backbone": OmegaConf.load(CONF / "backbone" / "resnet18.yaml"),
-        "init": OmegaConf.load(CONF / "init" / "random.yaml"),
+        "init": init_config("random"),
         "finetune_mode": OmegaConf.load(CONF / "finetune_mode" / "full.yaml"),
         "classifier": {"class_weighted": True, "warmup_fraction": 0.05,
                        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "weight_decay": 0.01}},

@@ -21,7 +21,7 @@ sweep() { "$BIN/fetalssl-finetune" -m experiment=pocus_finetune "${P[@]}" seed=0
 SSL=(init=ssl init.ssl_dir="$OUT/pretrain" init.method=barlowtwins,simclr,byol)
 LINEAR=(finetune_mode=linear finetune_mode.cache_features=true)
 FOUR_CLASSES=(data.root="$OUT/pocus_prepared/labels.csv" 'data.classes=[regular,pneumonia,covid,viral]')
-FULL=(finetune_mode=full trainer.max_epochs=6 +trainer.check_val_every_n_epoch=3 data.batch_size=16)
+FULL=(finetune_mode=full trainer.max_epochs=6 trainer.check_val_every_n_epoch=3 data.batch_size=16)
 
 # HOG ignores finetune_mode: its runs sit with the linear probes and are compared across modes below.
 sweep run_id=3class/linear "${LINEAR[@]}" init=random,hog
