@@ -41,11 +41,11 @@ def test_sweep_survives_a_failing_point_and_a_rerun_skips_finished_ones(tiny_dem
     assert len(runs) == 4
     status = {name: r["status"] for name, r in runs.items()}
     assert sorted(status.values()) == ["failed", "failed", "ok", "ok"]
-    assert all(("init=ssl" in name) == (s == "failed") for name, s in status.items())
+    assert all(("init-ssl" in name) == (s == "failed") for name, s in status.items())
     assert all("is not a directory" in r["error"] for r in runs.values() if r["status"] == "failed")
 
     done = {p: p.stat().st_mtime_ns for p in (tmp_path / "finetune_sweep" / "s").glob("*/metrics.json")
-            if "init=random" in p.parent.name}
+            if "init-random" in p.parent.name}
     rerun = run_cli("fetalssl-finetune", "-m", *sweep)
     assert rerun.stderr.count("completed with this config already") + rerun.stdout.count(
         "completed with this config already") == 2
@@ -90,3 +90,18 @@ def test_pretraining_is_reproducible_with_any_worker_count_and_a_new_seed_change
     other, _ = pretrain("d", "seed=1")
     assert not torch.equal(other["backbone.conv1.weight"], ref["backbone.conv1.weight"])
     assert not torch.equal(other["queue"], ref["queue"])
+
+
+def test_sweep_folder_names_can_be_pasted_into_another_command(tiny_demo_data, tmp_path):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    run_cli("fetalssl-finetune", "-m", *TINY_FINETUNE, f"data.root={tiny_demo_data}", f"paths.output_root={tmp_path}",
+            "run_id=p", "trainer.max_epochs=1", "data.patient_pattern='^(P[0-9]+)_'", "seed=0,1")
+    points = sorted(p.parent for p in (tmp_path / "finetune_sweep" / "p").glob("*/metrics.json"))
+    assert len(points) == 2
+    for point in points:  # readable keys, the regex hashed, nothing the override parser chokes on
+        assert "seed-" in point.name and "finetune_mode-linear" in point.name and "data.patient_pattern-h" in point.name
+        override = OverridesParser.create().parse_override(f"model={point}")
+        assert override.value() == str(point) and not override.is_sweep_override()
+    overrides = (points[0] / ".hydra" / "overrides.yaml").read_text()
+    assert "data.patient_pattern='^(P[0-9]+)_'" in overrides  # the full overrides are kept inside

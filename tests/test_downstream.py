@@ -43,7 +43,8 @@ def eval_transform():
 
 
 def datamodule(source, **overrides) -> DownstreamDataModule:
-    kwargs = dict(root=source, classes=CLASSES, patient_pattern=r"^([^_]+)_", image_extensions=[".png"],
+    kwargs = dict(root=source, classes=CLASSES, patient_id="pattern", patient_pattern=r"^([^_]+)_",
+                  image_extensions=[".png"], min_image_side=16,
                   val_fraction=0.2, test_fraction=0.2, split_seed=0, fraction=1.0, fraction_seed=0,
                   image_size=SIZE, channels=3, mean=0.5, std=0.25, train_transform=eval_transform(),
                   eval_transform=eval_transform(), batch_size=8, num_workers=0, seed=0)
@@ -184,7 +185,7 @@ def test_missing_file_fails_at_setup_naming_row(tmp_path):
 
 def test_label_outside_class_list_fails_naming_row(tmp_path):
     source = make_images(tmp_path, 10, 1)
-    with pytest.raises(ManifestError, match=r"labels.csv, row \d+: label '3VT' is not in classes"):
+    with pytest.raises(ManifestError, match=r"labels.csv, row \d+: label '3VT' is not in data.classes"):
         datamodule(source, classes=CLASSES[:4]).setup()
 
 
@@ -202,13 +203,9 @@ def test_too_few_patients_for_a_split_fails(tmp_path):
         datamodule(source).setup()
 
 
-def test_unreadable_image_names_file(tmp_path):
+def test_unreadable_image_stops_setup_with_its_row_whatever_split_it_is_in(tmp_path):
     source = make_images(tmp_path, 10, 1)
-    victim = tmp_path / read_csv_rows(source)[0]["image_path"]
-    victim.write_bytes(b"not a png")
-    dm = datamodule(source)
-    dm.setup()
-    with pytest.raises(OSError, match=f"{victim.name}: cannot be read"):
-        for split in ("train", "val", "test"):
-            for _ in dm.loader(split):
-                pass
+    victim = tmp_path / read_csv_rows(source)[-1]["image_path"]
+    victim.write_bytes(b"not a png")  # a text file named .png
+    with pytest.raises(ManifestError, match=rf"labels.csv, row {len(read_csv_rows(source)) + 1}: .*{victim.name} cannot be decoded"):
+        datamodule(source).setup()  # before any loader, any worker, any training

@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from fetalssl.data.splits import (
     ManifestError,
     check_classes_present,
+    check_images,
     grouped_split,
+    infer_classes,
     nested_fraction,
     read_csv_manifest,
     read_manifest,
@@ -150,7 +152,7 @@ def _write_csv(tmp_path, lines, make_files=True):
 
 def test_csv_manifest_paths_relative_to_csv_folder(tmp_path):
     csv_path = _write_csv(tmp_path, ["image_path,label,patient_id", "f/4CH/a_1.png,4CH,a", "f/3VT/b_1.png,3VT,b"])
-    rows = read_manifest(csv_path, CLASSES, r"^([^_]+)_", [".png"])
+    rows = read_manifest(csv_path, CLASSES, "pattern", r"^([^_]+)_", [".png"])
     assert [(r.path, r.image_path, r.label, r.patient_id, r.split) for r in rows] == [
         (tmp_path / "f/4CH/a_1.png", "f/4CH/a_1.png", "4CH", "a", None),
         (tmp_path / "f/3VT/b_1.png", "f/3VT/b_1.png", "3VT", "b", None),
@@ -172,7 +174,7 @@ def test_missing_file_names_row(tmp_path):
 
 def test_unknown_label_names_row(tmp_path):
     csv_path = _write_csv(tmp_path, ["image_path,label,patient_id", "a_1.png,4CH,a", "b_1.png,abdomen,b"])
-    with pytest.raises(ManifestError, match=r"row 3: label 'abdomen' is not in classes"):
+    with pytest.raises(ManifestError, match=r"row 3: label 'abdomen' is not in data.classes"):
         read_csv_manifest(csv_path, CLASSES)
 
 
@@ -204,23 +206,81 @@ def test_class_folders_patient_pattern_and_errors(tmp_path):
     _write_image(tmp_path / "4CH" / "p01_3.png")
     _write_image(tmp_path / "3VT" / "p02_x_7.png")
     (tmp_path / "3VT" / "notes.txt").write_text("skipped with a warning")
-    rows = scan_class_folders(tmp_path, CLASSES, r"^([^_]+)_", [".png"])
+    rows = scan_class_folders(tmp_path, ["4CH", "3VT"], "pattern", r"^([^_]+)_", [".png"])
     assert sorted((r.image_path, r.label, r.patient_id) for r in rows) == [
         ("3VT/p02_x_7.png", "3VT", "p02"), ("4CH/p01_3.png", "4CH", "p01")]
-    rows = scan_class_folders(tmp_path, CLASSES, r"_(\d+)\.png$", [".png"])
+    rows = scan_class_folders(tmp_path, ["4CH", "3VT"], "pattern", r"_(\d+)\.png$", [".png"])
     assert sorted(r.patient_id for r in rows) == ["3", "7"]
 
     _write_image(tmp_path / "abdomen" / "p03_1.png")
     _write_image(tmp_path / "LVOT" / "nounderscore.png")
     with pytest.raises(ManifestError) as err:
-        scan_class_folders(tmp_path, CLASSES, r"^([^_]+)_", [".png"])
-    assert "folder name 'abdomen' is not in classes" in str(err.value)
-    assert "nounderscore.png: file name does not match patient_pattern" in str(err.value)
+        scan_class_folders(tmp_path, ["4CH", "3VT", "LVOT"], "pattern", r"^([^_]+)_", [".png"])
+    assert "folder 'abdomen' is not in data.classes" in str(err.value)
+    assert "1 of 3 images have no patient id by data.patient_pattern" in str(err.value)
+    assert "'nounderscore.png'" in str(err.value) and "folder or none" in str(err.value)
+
+
+def test_class_folders_give_the_classes_when_none_are_set(tmp_path, caplog):
+    for label in ("small", "large", "medium"):  # a fetal-head dataset, not cardiac planes
+        _write_image(tmp_path / label / f"p1_{label}.png")
+    with caplog.at_level("INFO"):
+        rows = scan_class_folders(tmp_path, None, "pattern", r"^([^_]+)_", [".png"])
+        assert infer_classes(rows, tmp_path) == ["large", "medium", "small"]  # stable: sorted
+    assert "using the 3 labels found" in caplog.text
+    with pytest.raises(ManifestError) as err:  # a given list keeps its order and names what does not match
+        scan_class_folders(tmp_path, ["small", "large", "tiny"], "pattern", r"^([^_]+)_", [".png"])
+    assert "folder 'medium' is not in data.classes" in str(err.value) and "no folder for class 'tiny'" in str(err.value)
+
+
+def test_patient_id_choices_for_names_without_one(tmp_path, caplog):
+    for i in range(1, 4):
+        _write_image(tmp_path / "benign" / f"benign ({i}).png")
+    _write_image(tmp_path / "malignant" / "malignant (1).png")
+    with pytest.raises(ManifestError) as err:  # one summary line with the choices, not a line per file
+        scan_class_folders(tmp_path, None, "pattern", r"^([^_]+)_", [".png"])
+    assert "4 of 4 images have no patient id" in str(err.value) and "1 problem(s)" in str(err.value)
+    with caplog.at_level("WARNING"):
+        rows = scan_class_folders(tmp_path, None, "none", r"^([^_]+)_", [".png"])
+    assert len({r.patient_id for r in rows}) == 4 and "may land in different splits" in caplog.text
+    assert {r.patient_id for r in scan_class_folders(tmp_path, None, "pattern", None, [".png"])} == {
+        r.patient_id for r in rows}  # patient_pattern: null is "none"
+    _write_image(tmp_path / "normal" / "p7" / "a.png")
+    _write_image(tmp_path / "normal" / "p7" / "b.png")
+    _write_image(tmp_path / "normal" / "p8" / "a.png")
+    by_folder = scan_class_folders(_only(tmp_path, "normal"), None, "folder", None, [".png"])
+    assert sorted(r.patient_id for r in by_folder) == ["p7", "p7", "p8"]
+
+
+def _only(root, label):
+    """A copy of one class folder under a fresh root (scan_class_folders reads every folder of its root)."""
+    import shutil
+
+    new = root.parent / f"{root.name}_{label}"
+    shutil.copytree(root / label, new / label)
+    return new
+
+
+def test_every_image_is_decoded_before_training_and_bad_ones_named_with_their_row(tmp_path):
+    _write_image(tmp_path / "f" / "good.png")
+    (tmp_path / "f").mkdir(exist_ok=True)
+    (tmp_path / "f" / "text.png").write_text("not an image")
+    cv2.imwrite(str(tmp_path / "f" / "tiny.png"), np.zeros((4, 40), np.uint8))
+    csv_path = _write_csv(tmp_path, ["image_path,label,patient_id", "f/good.png,4CH,a", "f/text.png,4CH,b",
+                                     "f/tiny.png,3VT,c"], make_files=False)
+    rows = read_csv_manifest(csv_path, CLASSES)
+    with pytest.raises(ManifestError) as err:
+        check_images(rows, min_side=8)
+    message = str(err.value)
+    assert f"{csv_path}, row 3: {tmp_path / 'f' / 'text.png'} cannot be decoded" in message
+    assert f"{csv_path}, row 4" in message and "40x4 px, smaller than data.min_image_side=8" in message
+    assert "row 2" not in message
+    check_images(rows[:1], min_side=8)
 
 
 def test_nonexistent_source(tmp_path):
     with pytest.raises(ManifestError, match="neither a labels CSV"):
-        read_manifest(tmp_path / "nope", CLASSES, r"^([^_]+)_", [".png"])
+        read_manifest(tmp_path / "nope", CLASSES, "pattern", r"^([^_]+)_", [".png"])
 
 
 def test_many_problems_are_summarised(tmp_path):

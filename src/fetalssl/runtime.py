@@ -4,8 +4,10 @@ Library code (fine-tuning, pretraining and the console scripts all use it), so n
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -18,10 +20,38 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 log = logging.getLogger(__name__)
 
-# Slurm asks for GPUs only for GPU trainers (conf/launcher/slurm.yaml); registered at import, before composition.
+SAFE_VALUE = re.compile(r"^[A-Za-z0-9._-]+$")
+MAX_SUBDIR_LENGTH = 200  # file names are limited to 255 bytes
+
+
+def sweep_subdir(task_overrides: list[str], exclude_keys: list[str]) -> str:
+    """A sweep point's folder name that can be pasted back into a command (`model=<sweep>/<this>`).
+
+    Hydra's own `key=value,key=value` cannot: `=`, `,`, quotes, brackets and `/` break the override parser or
+    nest folders. Here each override becomes `key-value`, sorted, joined by `__`; a value with any other
+    character than letters, digits and `._-` is replaced by `h` + 8 hex digits of its sha1 (the full overrides
+    are in the point's .hydra/overrides.yaml). Keys in `exclude_keys` (output locations) are left out.
+    """
+    items = []
+    for override in task_overrides:
+        key, _, value = str(override).partition("=")
+        key = key.lstrip("+~")
+        if key in exclude_keys:
+            continue
+        if not SAFE_VALUE.match(value):
+            value = "h" + hashlib.sha1(value.encode()).hexdigest()[:8]
+        items.append(f"{key.replace('/', '.')}-{value}")
+    name = "__".join(sorted(items)) or "default"
+    if len(name) > MAX_SUBDIR_LENGTH:
+        name = name[:MAX_SUBDIR_LENGTH - 10] + "__h" + hashlib.sha1(name.encode()).hexdigest()[:7]
+    return name
+
+
+# Registered at import, before composition. Slurm asks for GPUs only for GPU trainers (conf/launcher/slurm.yaml).
 OmegaConf.register_new_resolver(
     "gpus_per_node", lambda accelerator, devices: devices if accelerator in ("gpu", "cuda") else 0, replace=True
 )
+OmegaConf.register_new_resolver("sweep_subdir", sweep_subdir, replace=True)
 
 
 # What Lightning's subprocess launcher sets in the launching process (lightning/fabric/strategies/launchers/

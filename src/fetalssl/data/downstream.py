@@ -25,7 +25,9 @@ from fetalssl.data.splits import (
     LabelledImage,
     check_classes_present,
     check_given_splits,
+    check_images,
     grouped_split,
+    infer_classes,
     nested_fraction,
     read_manifest,
 )
@@ -131,8 +133,8 @@ class DownstreamDataModule(SplitDataModule):
     input errors surface before training. `output_dir`, when given, receives train_subset.csv.
     """
 
-    def __init__(self, root: str, classes: Sequence[str], patient_pattern: str,
-                 image_extensions: Sequence[str], val_fraction: float, test_fraction: float, split_seed: int,
+    def __init__(self, root: str, classes: Sequence[str] | None, patient_id: str, patient_pattern: str | None,
+                 image_extensions: Sequence[str], min_image_side: int, val_fraction: float, test_fraction: float, split_seed: int,
                  fraction: float, fraction_seed: int, image_size: int, channels: int, mean: float, std: float,
                  train_transform: A.Compose, eval_transform: A.Compose, batch_size: int, num_workers: int,
                  seed: int, output_dir: str | Path | None = None):
@@ -141,11 +143,13 @@ class DownstreamDataModule(SplitDataModule):
             raise ValueError(f"channels={channels}: must be 1 or 3")
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction={fraction} must be in (0, 1]")
-        if len(set(classes)) != len(classes):
+        if classes is not None and len(set(classes)) != len(classes):
             raise ValueError(f"classes {list(classes)} has duplicates")
         self.root = Path(root)
-        self.classes = list(classes)
+        self.classes = None if classes is None else list(classes)  # None: inferred from the labels in setup()
+        self.patient_id = patient_id
         self.patient_pattern = patient_pattern
+        self.min_image_side = min_image_side
         self.image_extensions = list(image_extensions)
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
@@ -168,7 +172,10 @@ class DownstreamDataModule(SplitDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.split_rows is not None:
             return
-        rows = read_manifest(self.root, self.classes, self.patient_pattern, self.image_extensions)
+        rows = read_manifest(self.root, self.classes, self.patient_id, self.patient_pattern, self.image_extensions)
+        if self.classes is None:
+            self.classes = infer_classes(rows, self.root)
+        check_images(rows, self.min_image_side)
         # Sorted so the split and subset depend on the data only, not on CSV row or directory listing order.
         rows.sort(key=lambda r: r.image_path)
         if any(r.split is not None for r in rows):

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,11 @@ def _raise_if_problems(problems: list[str], what: str) -> None:
     raise ManifestError(f"{what}: {len(problems)} problem(s)\n  " + "\n  ".join(listed) + tail)
 
 
-def read_csv_manifest(csv_path: str | Path, classes: Sequence[str]) -> list[LabelledImage]:
+def read_csv_manifest(csv_path: str | Path, classes: Sequence[str] | None) -> list[LabelledImage]:
     """Rows of a labels CSV; row numbers in errors are the CSV line numbers (header = line 1).
 
-    Each image may be listed once: a repeat (even with the same label) could leak into two splits.
+    Each image may be listed once: a repeat (even with the same label) could leak into two splits. With
+    ``classes`` None every label is accepted (the class list is then inferred, see `infer_classes`).
     """
     csv_path = Path(csv_path)
     root = csv_path.parent
@@ -78,8 +80,8 @@ def read_csv_manifest(csv_path: str | Path, classes: Sequence[str]) -> list[Labe
             split = values["split"] if has_split else None
             if has_split and split not in SPLITS:
                 problems.append(f"{where}: split {split!r} is not one of {list(SPLITS)}")
-            if values["label"] not in classes:
-                problems.append(f"{where}: label {values['label']!r} is not in classes {list(classes)}")
+            if classes is not None and values["label"] not in classes:
+                problems.append(f"{where}: label {values['label']!r} is not in data.classes {list(classes)}")
             duplicate_of = first_seen.setdefault(values["image_path"], where)
             if duplicate_of != where:
                 problems.append(f"{where}: image {values['image_path']!r} is already listed ({duplicate_of})")
@@ -94,16 +96,45 @@ def read_csv_manifest(csv_path: str | Path, classes: Sequence[str]) -> list[Labe
     return rows
 
 
-def scan_class_folders(root: str | Path, classes: Sequence[str], patient_pattern: str,
-                       image_extensions: Sequence[str]) -> list[LabelledImage]:
-    """`<root>/<label>/<file>`; the patient id is the first group of `patient_pattern` matched on the file name."""
+PATIENT_ID_CHOICES = ("pattern", "folder", "none")
+
+
+def _patient_of(path: Path, class_dir: Path, patient_id: str, pattern: re.Pattern | None) -> str | None:
+    """The patient (group) of an image in a class folder, or None when the rule finds none for it."""
+    if patient_id == "folder":
+        relative = path.relative_to(class_dir)
+        return relative.parts[0] if len(relative.parts) > 1 else None
+    if patient_id == "none" or pattern is None:
+        return str(path.relative_to(class_dir.parent))  # every image its own group
+    match = pattern.search(path.name)
+    return match.group(1) if match is not None and match.groups() and match.group(1) else None
+
+
+def scan_class_folders(root: str | Path, classes: Sequence[str] | None, patient_id: str,
+                       patient_pattern: str | None, image_extensions: Sequence[str]) -> list[LabelledImage]:
+    """`<root>/<label>/...<file>`. ``classes`` None: every sub-folder is a class. The patient (the group no split
+    divides) of each image, by ``patient_id``:
+    - "pattern": the first group of the regex ``patient_pattern`` matched on the file name (null: as "none");
+    - "folder": the sub-folder below the class folder (`<root>/<label>/<patient>/<file>`);
+    - "none": every image is its own group (a warning says that one patient's images may then straddle splits).
+    """
     root = Path(root)
-    pattern = re.compile(patient_pattern)
+    if patient_id not in PATIENT_ID_CHOICES:
+        raise ManifestError(f"data.patient_id={patient_id!r}: must be one of {list(PATIENT_ID_CHOICES)}")
+    pattern = re.compile(patient_pattern) if patient_pattern is not None else None
+    if patient_id == "none" or (patient_id == "pattern" and pattern is None):
+        log.warning("%s: no patient ids (data.patient_id=none): every image is its own group, so images of one "
+                    "patient may land in different splits and the test score may be optimistic", root)
     extensions = {e.lower() for e in image_extensions}
-    rows, problems = [], []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        if folder.name not in classes:
-            problems.append(f"{folder}: folder name {folder.name!r} is not in classes {list(classes)}")
+    rows, problems, unmatched = [], [], []
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes is not None:
+        problems += [f"{f}: folder {f.name!r} is not in data.classes {list(classes)} (leave data.classes unset to "
+                     f"use every folder as a class)" for f in folders if f.name not in classes]
+        problems += [f"{root}: no folder for class {c!r} of data.classes" for c in classes
+                     if c not in {f.name for f in folders}]
+    for folder in folders:
+        if classes is not None and folder.name not in classes:
             continue
         for path in sorted(folder.rglob("*")):
             if path.is_dir():
@@ -111,19 +142,35 @@ def scan_class_folders(root: str | Path, classes: Sequence[str], patient_pattern
             if path.suffix.lower() not in extensions:
                 log.warning("Skipping %s: extension not in %s", path, sorted(extensions))
                 continue
-            match = pattern.search(path.name)
-            if match is None or not match.groups() or not match.group(1):
-                problems.append(f"{path}: file name does not match patient_pattern {patient_pattern!r}")
+            patient = _patient_of(path, folder, patient_id, pattern)
+            if patient is None:
+                unmatched.append(path)
                 continue
             rows.append(LabelledImage(path=path, image_path=str(path.relative_to(root)), label=folder.name,
-                                      patient_id=match.group(1), split=None, source=str(path)))
+                                      patient_id=patient, split=None, source=str(path)))
+    if unmatched:
+        rule = (f"data.patient_pattern {patient_pattern!r} (its first group is the patient id)"
+                if patient_id == "pattern" else "data.patient_id=folder (<label>/<patient>/<file>)")
+        examples = ", ".join(repr(p.name) for p in unmatched[:3])
+        problems.append(f"{len(unmatched)} of {len(unmatched) + len(rows)} images have no patient id by {rule}, "
+                        f"e.g. {examples}. Choose data.patient_id=pattern (with a data.patient_pattern that "
+                        "matches, quoted for the shell and Hydra: 'data.patient_pattern=\"^(.+)_[0-9]+\"'), "
+                        "folder or none")
     _raise_if_problems(problems, str(root))
     if not rows:
-        raise ManifestError(f"{root}: no images found in class folders {list(classes)}")
+        raise ManifestError(f"{root}: no images with extensions {sorted(extensions)} in class folders")
     return rows
 
 
-def read_manifest(source: str | Path, classes: Sequence[str], patient_pattern: str,
+def infer_classes(rows: Sequence[LabelledImage], source: str | Path) -> list[str]:
+    """The class list when data.classes is not given: every label found, sorted (a stable order)."""
+    classes = sorted({r.label for r in rows})
+    log.info("%s: data.classes not given; using the %d labels found, in this order: %s", source, len(classes),
+             classes)
+    return classes
+
+
+def read_manifest(source: str | Path, classes: Sequence[str] | None, patient_id: str, patient_pattern: str | None,
                   image_extensions: Sequence[str]) -> list[LabelledImage]:
     source = Path(source)
     if (source / LABELS_CSV).is_file():  # a dataset folder such as fetalssl-demo-data's output
@@ -131,8 +178,24 @@ def read_manifest(source: str | Path, classes: Sequence[str], patient_pattern: s
     if source.is_file():
         return read_csv_manifest(source, classes)
     if source.is_dir():
-        return scan_class_folders(source, classes, patient_pattern, image_extensions)
+        return scan_class_folders(source, classes, patient_id, patient_pattern, image_extensions)
     raise ManifestError(f"{source}: neither a labels CSV nor a class-folder directory")
+
+
+def check_images(rows: Sequence[LabelledImage], min_side: int) -> None:
+    """Decode every image once, before training: an unreadable file, a too small image or an unusual channel
+    count is named with its row here rather than failing in a loader worker (or after training, in test)."""
+    problems = []
+    for r in rows:
+        image = cv2.imread(str(r.path), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            problems.append(f"{r.source}: {r.path} cannot be decoded as an image")
+        elif min(image.shape[:2]) < min_side:
+            problems.append(f"{r.source}: {r.path} is {image.shape[1]}x{image.shape[0]} px, smaller than "
+                            f"data.min_image_side={min_side}")
+        elif image.ndim == 3 and image.shape[2] not in (1, 3, 4):
+            problems.append(f"{r.source}: {r.path} has {image.shape[2]} channels (expected 1, 3 or 4)")
+    _raise_if_problems(problems, "unusable images")
 
 
 def check_given_splits(rows: Sequence[LabelledImage]) -> None:

@@ -130,6 +130,7 @@ def _write_outputs(images: DownstreamDataModule, probs: dict[str, torch.Tensor],
     if video_of is not None:
         result["test_video"] = video_metrics_from_predictions(output_dir / PREDICTION_FILES["test"], video_of,
                                                               images.classes)
+    result["classes"] = list(images.classes)
     result["train_size"] = len(images.rows("train"))
     result["train_class_counts"] = dict(zip(images.classes, images.class_counts().tolist(), strict=True))
     return result

@@ -88,9 +88,10 @@ def check_eval_transform(data_cfg: DictConfig, source: Path) -> None:
                          f"image_size={data_cfg.image_size}; the plane finder only reproduces that one")
 
 
-def meta_from_run_config(cfg: DictConfig, source: Path) -> ModelMeta:
+def meta_from_run_config(cfg: DictConfig, classes: list[str], source: Path) -> ModelMeta:
+    """``classes``: what the classifier was trained on (its checkpoint's), since data.classes may be inferred."""
     check_eval_transform(cfg.data, source)
-    return ModelMeta(classes=list(cfg.data.classes), image_size=int(cfg.data.image_size),
+    return ModelMeta(classes=list(classes), image_size=int(cfg.data.image_size),
                      channels=int(cfg.data.channels), mean=float(cfg.data.mean), std=float(cfg.data.std))
 
 
@@ -113,8 +114,8 @@ def load_run(run_dir: str | Path) -> tuple[ProbabilityModel, ModelMeta]:
         if not (run_dir / required).is_file():
             raise FileNotFoundError(f"{run_dir} is not a fine-tune run dir: {required} is missing")
     cfg = OmegaConf.load(run_dir / RUN_CONFIG)
-    meta = meta_from_run_config(cfg, run_dir)
     checkpoint = torch.load(run_dir / RUN_CHECKPOINT, map_location="cpu", weights_only=True)
+    meta = meta_from_run_config(cfg, checkpoint["hyper_parameters"]["classes"], run_dir)
     state = checkpoint["state_dict"]
     has_backbone = any(k.startswith("backbone.") for k in state)
     if has_backbone:
