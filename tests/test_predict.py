@@ -6,6 +6,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -23,7 +24,7 @@ from fetalssl.predict.scan import SUMMARY_FILE, FinderSettings, output_folder, r
 from fetalssl.predict.timeline import OTHER, best_frames, frame_labels, smooth
 
 CONF = Path(__file__).resolve().parents[1] / "src" / "fetalssl" / "conf"
-SETTINGS = FinderSettings(batch_size=8, smooth_window=3, abstain_threshold=None, truth_suffix=".csv")
+SETTINGS = FinderSettings(batch_size=8, smooth_window=3, abstain_threshold=None, found_threshold=0.5, truth_suffix=".csv")
 
 
 def make_run_dir(root: Path, image_size: int = 32, seed: int = 0) -> Path:
@@ -33,7 +34,7 @@ def make_run_dir(root: Path, image_size: int = 32, seed: int = 0) -> Path:
                             "backbone": OmegaConf.load(CONF / "backbone" / "resnet18.yaml"),
                             "init": init_config("random"),
                             "finetune_mode": OmegaConf.load(CONF / "finetune_mode" / "full.yaml")})
-    cfg.data.update(root="unused", image_size=image_size)
+    cfg.data.update(root="unused", image_size=image_size, classes=list(PLANES))
     torch.manual_seed(seed)
     backbone = instantiate(cfg.backbone)
     model = PlaneClassifier(backbone, backbone.num_features, list(cfg.data.classes), "all", 1e-3, 1e-3,
@@ -47,7 +48,7 @@ def make_run_dir(root: Path, image_size: int = 32, seed: int = 0) -> Path:
     run = root / "run"
     (run / RUN_CHECKPOINT).parent.mkdir(parents=True)
     (run / RUN_CONFIG).parent.mkdir(parents=True)
-    torch.save({"state_dict": model.state_dict()}, run / RUN_CHECKPOINT)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, run / RUN_CHECKPOINT)
     OmegaConf.save(cfg, run / RUN_CONFIG)
     return run
 
@@ -124,7 +125,7 @@ def test_folder_run_writes_every_output_and_reports_a_corrupt_file_without_parti
     assert by_name["scan00.mp4"]["status"] == "ok"
     assert not (out / "P2").exists()  # nothing at all for the bad input, not even its folder
     assert not [p for p in out.rglob(".*")]  # no staging leftovers
-    assert json.loads((out / SUMMARY_FILE).read_text())["results"] == results
+    assert json.loads((out / SUMMARY_FILE).read_text())["results"] == sorted(results, key=lambda r: r["input"])
 
     folder = output_folder(videos / "P1" / "scan00.mp4", videos, out)
     assert folder == out / "P1" / "scan00_mp4"
@@ -143,7 +144,11 @@ def test_folder_run_writes_every_output_and_reports_a_corrupt_file_without_parti
         k = PLANES.index(b["plane"])
         assert smoothed[int(b["frame"]), k] == pytest.approx(smoothed[:, k].max(), abs=1e-6)
         assert float(b["score"]) == pytest.approx(smoothed[:, k].max(), abs=1e-6)
-        assert (folder / b["file"]).is_file() and f"_f{int(b['frame']):05d}_" in b["file"]
+        assert (b["found"] == "True") == (float(b["score"]) >= SETTINGS.found_threshold)
+        if b["found"] == "True":
+            assert (folder / b["file"]).is_file() and f"_f{int(b['frame']):05d}_" in b["file"]
+        else:
+            assert b["file"] == ""
     assert (folder / "timeline.png").stat().st_size > 10_000
     scan = json.loads((folder / "scan.json").read_text())
     on_plane = [i for i, t in enumerate(truth) if t in PLANES]
@@ -214,8 +219,54 @@ def test_best_frame_of_each_plane_lies_in_its_true_segment_after_finetuning_on_d
     OmegaConf.save(cfg, run / RUN_CONFIG)  # what Hydra writes for fetalssl-finetune
 
     results = run_finder(data / "videos", tmp_path / "out", load_predictor(run),
-                         FinderSettings(batch_size=32, smooth_window=5, abstain_threshold=None, truth_suffix=".csv"))
+                         FinderSettings(batch_size=32, smooth_window=5, abstain_threshold=None, found_threshold=0.5,
+                                        truth_suffix=".csv"))
     assert len(results) == 2 and all(r["status"] == "ok" for r in results)
     for result in results:
         inside = result["truth"]["best_frame_in_true_segment"]
         assert sum(inside.values()) >= 4, (result["input"], inside)
+
+
+def test_clips_shorter_than_the_window_and_stills_are_classified_and_every_input_is_summarised(run_dir, tmp_path):
+    inputs = tmp_path / "inputs"
+    rng = np.random.default_rng(0)
+    inputs.mkdir()
+    write_video(inputs / "three.mp4", rng.integers(0, 255, (3, 64, 64), dtype=np.uint8), fps=10)
+    cv2.imwrite(str(inputs / "screenshot.png"), rng.integers(0, 255, (80, 96), dtype=np.uint8))
+    (inputs / "fake.jpg").write_text("not an image")
+    out = tmp_path / "out"
+    settings = FinderSettings(batch_size=8, smooth_window=9, abstain_threshold=None, found_threshold=0.5,
+                              truth_suffix=".csv")
+    results = {Path(r["input"]).name: r for r in run_finder(inputs, out, load_predictor(run_dir), settings)}
+    assert {n: r["status"] for n, r in results.items()} == {"three.mp4": "ok", "screenshot.png": "ok",
+                                                             "fake.jpg": "failed"}
+    with (out / "three_mp4" / "frames.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    raw = np.array([[float(r[f"raw_{c}"]) for c in PLANES] for r in rows])
+    smoothed = np.array([[float(r[f"prob_{c}"]) for c in PLANES] for r in rows])
+    np.testing.assert_allclose(smoothed, np.tile(raw.mean(0), (3, 1)), atol=1e-5)  # window 9 > 3 frames: all
+    scan = json.loads((out / "screenshot_png" / "scan.json").read_text())
+    assert scan["n_frames"] == 1 and scan["fps"] is None and (out / "screenshot_png" / "timeline.png").is_file()
+
+    # A second run into the same out_dir adds to the summary instead of replacing it.
+    more = tmp_path / "more"
+    more.mkdir()
+    write_video(more / "later.mp4", rng.integers(0, 255, (12, 64, 64), dtype=np.uint8), fps=10)
+    run_finder(more, out, load_predictor(run_dir), settings)
+    summary = {Path(r["input"]).name: r["status"] for r in json.loads((out / SUMMARY_FILE).read_text())["results"]}
+    assert summary == {"three.mp4": "ok", "screenshot.png": "ok", "fake.jpg": "failed", "later.mp4": "ok"}
+
+
+def test_a_plane_is_found_only_when_its_best_score_reaches_the_threshold():
+    p = np.array([[0.9, 0.001, 0.099], [0.8, 0.002, 0.198]], np.float32)
+    found = {b.plane: b.found for b in best_frames(p, ["A", "B", "C"], found_threshold=0.5)}
+    assert found == {"A": True, "B": False, "C": False}  # 0.001 is no plane
+    settings = FinderSettings(batch_size=1, smooth_window=1, abstain_threshold=0.95, found_threshold=0.5,
+                              truth_suffix=None)
+    assert settings.found_at == 0.95  # abstaining at 0.95 also withholds "found" below it
+
+
+def test_smoothing_cuts_the_window_to_the_frames_that_exist():
+    p = np.arange(8, dtype=np.float32).reshape(4, 2)
+    np.testing.assert_allclose(smooth(p, 3), [[1, 2], [2, 3], [4, 5], [5, 6]])
+    np.testing.assert_allclose(smooth(p[:2], 7), [[1, 2], [1, 2]])

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 def predict(cfg: DictConfig) -> int:
     settings = FinderSettings(batch_size=cfg.batch_size, smooth_window=cfg.smooth_window,
-                              abstain_threshold=cfg.abstain_threshold, truth_suffix=cfg.truth_suffix)
+                              abstain_threshold=cfg.abstain_threshold, found_threshold=cfg.found_threshold,
+                              truth_suffix=cfg.truth_suffix)
     try:
         predictor = load_predictor(cfg.model, cfg.device)
         results = run_finder(Path(cfg.input), Path(cfg.out_dir), predictor, settings)

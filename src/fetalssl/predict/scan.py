@@ -14,6 +14,7 @@ frame,plane rows), the true planes are read, shaded in the timeline and scored.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "predict_summary.json"
 VIDEO_EXTENSIONS = CONTAINER_EXTENSIONS | DICOM_EXTENSIONS
+STILL_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}  # screenshots, exported frames
+INPUT_EXTENSIONS = VIDEO_EXTENSIONS | STILL_EXTENSIONS
 
 
 @dataclass(frozen=True)
@@ -43,20 +46,27 @@ class FinderSettings:
     batch_size: int
     smooth_window: int  # frames, odd; 1 = no smoothing
     abstain_threshold: float | None  # frames whose top smoothed probability is lower are labelled `other`
+    found_threshold: float  # a plane whose best smoothed score is lower is reported as not found
     truth_suffix: str | None  # sibling file with the true plane per frame (frame,plane); None: never read
+
+    @property
+    def found_at(self) -> float:
+        """A plane is found from this score on: found_threshold, or abstain_threshold if that is higher."""
+        return max(self.found_threshold, self.abstain_threshold or 0.0)
 
 
 def find_inputs(path: Path) -> list[Path]:
-    """The file itself, or every video / DICOM file below a folder (extensionless files by DICOM magic)."""
+    """The file itself, or every video / DICOM / still image below a folder (extensionless files by DICOM
+    magic)."""
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"input={path} does not exist")
     found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                   and (p.suffix.lower() in VIDEO_EXTENSIONS or is_dicom(p)))
+                   and (p.suffix.lower() in INPUT_EXTENSIONS or is_dicom(p)))
     if not found:
-        raise FileNotFoundError(f"input={path}: no video or DICOM files in it (looked for "
-                                f"{', '.join(sorted(VIDEO_EXTENSIONS))} and DICOM magic)")
+        raise FileNotFoundError(f"input={path}: no video, DICOM or image files in it (looked for "
+                                f"{', '.join(sorted(INPUT_EXTENSIONS))} and DICOM magic)")
     return found
 
 
@@ -130,7 +140,7 @@ def write_scan_outputs(folder: Path, video: Path, frames: np.ndarray, fps: float
                        classes: Sequence[str], settings: FinderSettings) -> dict[str, Any]:
     smoothed = smooth(raw, settings.smooth_window)
     predicted = frame_labels(smoothed, classes, settings.abstain_threshold)
-    chosen = best_frames(smoothed, classes, settings.abstain_threshold)
+    chosen = best_frames(smoothed, classes, settings.found_at)
     truth = read_truth(video, settings.truth_suffix, len(frames))
     timed = math.isfinite(fps) and fps > 0  # DICOM without a frame rate: frame index only
     times = np.arange(len(frames)) / fps if timed else np.full(len(frames), math.nan)
@@ -161,9 +171,20 @@ def write_scan_outputs(folder: Path, video: Path, frames: np.ndarray, fps: float
     return scan
 
 
+def read_input(path: Path) -> tuple[np.ndarray, float]:
+    """(uint8 grayscale frames (T, H, W), fps): a still image is one frame without a frame rate."""
+    if path.suffix.lower() in STILL_EXTENSIONS:
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if image is None:
+            raise VideoReadError(f"{path}: cannot be decoded as an image")
+        return image[None], math.nan
+    return read_frames(path, rgb=False)  # raises VideoReadError naming the file
+
+
 def process_video(video: Path, folder: Path, predictor: Predictor, settings: FinderSettings) -> dict[str, Any]:
-    """Classify every frame of `video` and write its output folder; all or nothing."""
-    frames, fps = read_frames(video, rgb=False)  # raises VideoReadError naming the file
+    """Classify every frame of `video` (a clip of any length, or a still) and write its output folder; all or
+    nothing."""
+    frames, fps = read_input(video)
     raw = predictor.predict_frames(frames, settings.batch_size)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
@@ -180,17 +201,33 @@ def process_video(video: Path, folder: Path, predictor: Predictor, settings: Fin
 
 def run_finder(input_path: Path, out_dir: Path, predictor: Predictor, settings: FinderSettings
                ) -> list[dict[str, Any]]:
-    """Every input in turn; an unreadable one is reported (log + predict_summary.json) and the rest go on."""
+    """Every input in turn; one that fails, for whatever reason, is reported (log + predict_summary.json) and the
+    rest go on. The summary of an earlier run into the same out_dir is kept: its entries for other inputs stay,
+    and an input processed again gets its new entry."""
     results = []
     for video in find_inputs(input_path):
         folder = output_folder(video, input_path, out_dir)
         try:
             scan = process_video(video, folder, predictor, settings)
-        except (VideoReadError, OSError, ValueError) as e:
+        except Exception as e:  # one bad input must never cost the others their results or the summary
             log.error("%s: skipped, no outputs written: %s", video, e)
-            results.append({"input": str(video), "status": "failed", "error": f"{type(e).__name__}: {e}"})
+            results.append({"input": str(video), "status": "failed", "error": f"{type(e).__name__}: {e}",
+                            "model": str(predictor.source)})
             continue
-        results.append({"input": str(video), "status": "ok", "output": str(folder),
+        results.append({"input": str(video), "status": "ok", "output": str(folder), "model": str(predictor.source),
                         **({"truth": scan["truth"]} if "truth" in scan else {})})
-    save_json({"model": str(predictor.source), "results": results}, out_dir / SUMMARY_FILE)
+    save_json({"results": merged_summary(out_dir / SUMMARY_FILE, results)}, out_dir / SUMMARY_FILE)
     return results
+
+
+def merged_summary(path: Path, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The earlier summary's entries (by input) updated with this run's, in input order."""
+    try:
+        earlier = {r["input"]: r for r in json.loads(path.read_text())["results"]}
+    except FileNotFoundError:
+        earlier = {}
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        log.warning("%s: unreadable earlier summary (%s); starting a new one", path, e)
+        earlier = {}
+    earlier.update({r["input"]: r for r in results})
+    return [earlier[k] for k in sorted(earlier)]

@@ -12,16 +12,19 @@ OTHER = "other"  # label of frames whose top smoothed probability is under the a
 
 
 def smooth(probabilities: np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average over `window` frames (odd; 1 = none). Near the ends the window is cut to the
-    frames that exist rather than padded, so edge frames are not pulled towards an invented value."""
+    """Centred moving average over `window` frames (odd; 1 = none). Near the ends, and in clips shorter than
+    the window, it is cut to the frames that exist rather than padded, so no frame is pulled towards an
+    invented value."""
     if window < 1 or window % 2 == 0:
         raise ValueError(f"smooth_window must be an odd number >= 1, got {window}")
-    if window == 1 or len(probabilities) == 0:
+    n = len(probabilities)
+    if window == 1 or n == 0:
         return probabilities.copy()
-    kernel = np.ones(window)
-    counts = np.convolve(np.ones(len(probabilities)), kernel, mode="same")
-    summed = np.stack([np.convolve(column, kernel, mode="same") for column in probabilities.T], axis=1)
-    return (summed / counts[:, None]).astype(probabilities.dtype)
+    half = window // 2
+    cumulative = np.concatenate([np.zeros((1, probabilities.shape[1])), np.cumsum(probabilities, axis=0)])
+    start = np.clip(np.arange(n) - half, 0, n)
+    stop = np.clip(np.arange(n) + half + 1, 0, n)
+    return ((cumulative[stop] - cumulative[start]) / (stop - start)[:, None]).astype(probabilities.dtype)
 
 
 def frame_labels(probabilities: np.ndarray, classes: Sequence[str], abstain_threshold: float | None) -> list[str]:
@@ -41,22 +44,30 @@ class BestFrame:
     found: bool  # False when score is under the abstention threshold: the plane is probably not in the scan
 
 
-def best_frames(probabilities: np.ndarray, classes: Sequence[str], abstain_threshold: float | None
+def best_frames(probabilities: np.ndarray, classes: Sequence[str], found_threshold: float
                 ) -> list[BestFrame]:
-    """Per plane, the frame where its (smoothed) probability peaks; the first such frame on ties."""
+    """Per plane, the frame where its (smoothed) probability peaks (the first such frame on ties); the plane
+    counts as found only if that peak reaches `found_threshold`."""
     best = probabilities.argmax(axis=0)
     return [BestFrame(plane, int(best[k]), float(probabilities[best[k], k]),
-                      bool(abstain_threshold is None or probabilities[best[k], k] >= abstain_threshold))
+                      bool(probabilities[best[k], k] >= found_threshold))
             for k, plane in enumerate(classes)]
 
 
 def timeline_figure(times: np.ndarray, time_label: str, probabilities: np.ndarray, classes: Sequence[str],
                     chosen: Sequence[BestFrame], abstain_threshold: float | None, title: str,
                     true_labels: Sequence[str] | None = None) -> Figure:
-    """Probability of each plane vs time, chosen frames marked; true plane segments shaded when known."""
+    """Probability of each plane vs time, chosen frames marked; true plane segments shaded when known. A single
+    frame (a still, a 1-frame DICOM) has no timeline: its class probabilities are drawn as bars."""
     fig = Figure(figsize=(10, 3.6), layout="constrained")
     ax = fig.add_subplot()
     colours = {c: f"C{i}" for i, c in enumerate(classes)}
+    if len(probabilities) == 1:
+        ax.bar(list(classes), probabilities[0], color=[colours[c] for c in classes])
+        if abstain_threshold is not None:
+            ax.axhline(abstain_threshold, color="grey", linestyle="--", linewidth=1)
+        ax.set(ylabel="probability", ylim=(0, 1.05), title=f"{title}  (single frame)")
+        return fig
     if true_labels is not None:
         step = float(np.median(np.diff(times))) if len(times) > 1 else 1.0
         for t, label in zip(times, true_labels, strict=True):
