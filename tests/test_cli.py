@@ -1,6 +1,7 @@
 """The console scripts end to end, as a user runs them: pretrain, prepare, fine-tune sweeps that resume."""
 
 import json
+import shutil
 
 import timm
 import torch
@@ -105,3 +106,22 @@ def test_sweep_folder_names_can_be_pasted_into_another_command(tiny_demo_data, t
         assert override.value() == str(point) and not override.is_sweep_override()
     overrides = (points[0] / ".hydra" / "overrides.yaml").read_text()
     assert "data.patient_pattern='^(P[0-9]+)_'" in overrides  # the full overrides are kept inside
+
+
+def test_pretraining_on_one_patient_warns_and_still_keeps_a_weights_only_best_checkpoint(tiny_demo_data, tmp_path):
+    one = tmp_path / "one" / "videos"
+    patient = sorted((tiny_demo_data / "videos").iterdir())[0]
+    shutil.copytree(patient, one / patient.name)
+    result = run_cli("fetalssl-train", *TINY_PRETRAIN, f"data.root={one.parent}", f"paths.output_root={tmp_path}",
+                     "run_id=r", "method.warmup_epochs=100", "trainer.max_epochs=2")
+    log = result.stdout + result.stderr
+    assert "no validation split" in log and "chosen by train/loss instead of val/loss" in log
+    assert "could not find the monitored key" not in log.lower()
+    assert "warming up over" in log  # 100 warm-up epochs in a 2-epoch run: clamped, and said so
+    checkpoints = tmp_path / "pretrain" / "barlowtwins" / "r" / "checkpoints"
+    [best] = checkpoints.glob("best-*.ckpt")
+    best_ckpt = torch.load(best, weights_only=True)
+    last_ckpt = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert "optimizer_states" not in best_ckpt and "optimizer_states" in last_ckpt  # resume needs only last.ckpt
+    assert best_ckpt["state_dict"].keys() == last_ckpt["state_dict"].keys()
+    assert not list(one.parent.rglob(".fetalssl_cache")) and (tmp_path / "frame_cache" / "index.json").is_file()

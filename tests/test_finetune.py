@@ -514,3 +514,25 @@ def test_selection_tests_the_checkpoint_of_the_best_val_epoch(tmp_path, monitor_
     pick = max if monitor_mode == "max" else min
     best_epoch = pick(per_epoch, key=per_epoch.get)
     assert torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)["epoch"] == best_epoch
+
+
+def test_a_linear_probe_checkpoint_holds_the_head_only_and_is_tested_with_its_init_backbone(tmp_path):
+    weights = _pretrain_run(tmp_path / "pretrain" / "barlowtwins" / "r", "barlowtwins")
+    cfg = finetune_cfg(make_images(tmp_path / "data"))  # linear, looped (not cached): the backbone is in the model
+    cfg.init = init_config("ssl")
+    cfg.init.checkpoint = str(weights)
+    result = run_finetune(cfg, tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    assert state and not any(k.startswith("backbone.") for k in state)
+    assert (tmp_path / "run" / "checkpoints" / "best.ckpt").stat().st_size < weights.stat().st_size / 20
+    (tmp_path / "run" / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / "run" / ".hydra" / "config.yaml")
+    model, meta = load_run(tmp_path / "run")  # rebuilt from the recorded file: predicts as the run tested
+    probs = _read_predictions(tmp_path / "run" / "predictions.csv")
+    images = instantiate(cfg.data, output_dir=None)
+    images.setup()
+    x, _ = images.dataset("test")[0]
+    with torch.no_grad():
+        p = model(x[None])[0].numpy()
+    np.testing.assert_allclose(p, [float(probs[0][f"prob_{c}"]) for c in meta.classes], atol=1e-5)
+    assert result["status"] == "ok" and meta.classes == result["classes"]

@@ -63,6 +63,7 @@ def make_dm(root, tmp_path, pair_sampler=None, views=None, **overrides):
         patient_pattern=PATTERN,
         short_side=32,
         stride=1,
+        min_decoded_fraction=0.9,
         image_size=16,
         channels=3,
         mean=0.5,
@@ -206,6 +207,7 @@ def test_config_instantiates_and_bad_videos_are_skipped(video_root, tmp_path, ca
     cfg = OmegaConf.create(
         {
             "seed": 3,
+            "paths": {"output_root": str(tmp_path / "out")},
             "data": OmegaConf.load(CONF / "data" / "videos.yaml"),
             "pairs": OmegaConf.load(CONF / "pairs" / "temporal.yaml"),
             "augment": OmegaConf.load(CONF / "augment" / "ultrasound.yaml"),
@@ -217,7 +219,8 @@ def test_config_instantiates_and_bad_videos_are_skipped(video_root, tmp_path, ca
     with caplog.at_level(logging.WARNING):
         summary = prepare(cfg.data)
     assert summary.videos_read == 2 and [p.name for p, _ in summary.skipped] == ["broken.mp4"]
-    assert (bad_root / ".fetalssl_cache" / "index.json").exists()  # default cache_dir under root
+    assert (tmp_path / "out" / "frame_cache" / "index.json").exists()  # under the output root by default
+    assert sorted(p.name for p in bad_root.rglob("*")) == ["broken.mp4", "ok.mp4", "ok.mp4", "p01", "p02"]  # data untouched
     dm = instantiate(cfg.data, pair_sampler=instantiate(cfg.pairs), views=instantiate(cfg.augment))
     assert dm.seed == 3 and dm.channels == 3
     dm.prepare_data()

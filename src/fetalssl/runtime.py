@@ -16,6 +16,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, read_write
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,24 @@ def pin_multirun_job_for_ddp() -> None:
     sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
     with read_write(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint on ``monitor`` that falls back to ``fallback_monitor`` (with a warning) when the run has
+    no validation batches, e.g. pretraining on a single patient: a best checkpoint is still written instead of
+    Lightning's repeated "could not find the monitored key"."""
+
+    def __init__(self, fallback_monitor: str, **kwargs):
+        super().__init__(**kwargs)
+        self.fallback_monitor = fallback_monitor
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        if stage == "fit" and datamodule is not None and not datamodule.val_dataloader():
+            log.warning("no validation data (too few patients for a validation split?): the best checkpoint is "
+                        "chosen by %s instead of %s", self.fallback_monitor, self.monitor)
+            self.monitor = self.fallback_monitor
+        super().setup(trainer, pl_module, stage)
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Trainer:

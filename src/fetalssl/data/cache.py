@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fetalssl.data.index import VideoRecord
-from fetalssl.data.video import VideoReadError, read_frames
+from fetalssl.data.video import VideoReadError, declared_frame_count, read_frames
 from fetalssl.io import TMP_SUFFIX, atomic_write
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class CacheSummary:
     built: int
     reused: int
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    truncated: list[tuple[Path, str]] = field(default_factory=list)  # kept, but shorter than declared
 
     @property
     def videos_read(self) -> int:
@@ -69,9 +71,10 @@ class CacheSummary:
     def __str__(self) -> str:
         lines = [
             f"frame cache: {self.videos_read} videos ({self.built} decoded, {self.reused} reused), "
-            f"{self.frames_cached} frames, {len(self.skipped)} skipped"
+            f"{self.frames_cached} frames, {len(self.skipped)} skipped, {len(self.truncated)} kept truncated"
         ]
         lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
+        lines += [f"  truncated {path}: {reason}" for path, reason in self.truncated]
         return "\n".join(lines)
 
 
@@ -126,11 +129,14 @@ def _remove_orphan_temps(cache_dir: Path) -> None:
 
 
 def build_cache(
-    records: Sequence[VideoRecord], cache_dir: str | Path, short_side: int | None, stride: int, rgb: bool
+    records: Sequence[VideoRecord], cache_dir: str | Path, short_side: int | None, stride: int, rgb: bool,
+    min_decoded_fraction: float,
 ) -> CacheSummary:
     """Decode every record not already fresh in the cache; skip unreadable videos with one warning each.
 
-    Raises CacheError when no video at all could be cached.
+    A video that decodes to fewer frames than its container declares (truncated, damaged) is named in the
+    summary with both counts; it is kept if at least ``min_decoded_fraction`` of the declared frames decoded,
+    and skipped otherwise. Raises CacheError when no video at all could be cached.
     """
     cache_dir = Path(cache_dir)
     (cache_dir / FRAMES_DIR).mkdir(parents=True, exist_ok=True)
@@ -152,6 +158,15 @@ def build_cache(
             except VideoReadError as e:
                 _skip(summary, record.path, str(e).removeprefix(f"{record.path}: "))
                 continue
+            declared = declared_frame_count(record.path)
+            if declared is not None and len(frames) < math.ceil(declared / stride):
+                decoded = f"decoded {len(frames)} of the {math.ceil(declared / stride)} frames its container " \
+                          f"declares ({declared} at stride {stride}): truncated or damaged"
+                if len(frames) < min_decoded_fraction * math.ceil(declared / stride):
+                    _skip(summary, record.path, f"{decoded}, below data.min_decoded_fraction={min_decoded_fraction}")
+                    continue
+                log.warning("%s: %s; kept (data.min_decoded_fraction=%s)", record.path, decoded, min_decoded_fraction)
+                summary.truncated.append((record.path, decoded))
             entry_file = f"{FRAMES_DIR}/{key}.npy"
             atomic_write(cache_dir / entry_file, lambda f, a=frames: np.save(f, a))
             entries[key] = {

@@ -29,32 +29,27 @@ from fetalssl.data.transforms import to_normalised_tensor, with_channels
 
 log = logging.getLogger(__name__)
 
-CACHE_DIRNAME = ".fetalssl_cache"
 CACHE_RGB = False  # frames are cached grayscale; 3-channel inputs replicate gray (see with_channels)
-
-
-def default_cache_dir(root: str | Path | None, manifest: str | Path | None) -> Path:
-    base = Path(manifest).parent if manifest is not None else Path(root)
-    return base / CACHE_DIRNAME
 
 
 def prepare_frame_cache(
     root: str | Path | None,
     manifest: str | Path | None,
-    cache_dir: str | Path | None,
+    cache_dir: str | Path,
     short_side: int,
     stride: int,
     patient_pattern: str,
+    min_decoded_fraction: float,
 ) -> CacheSummary:
     """Index the videos and decode every one not already cached (what `fetalssl-prepare` runs)."""
     records = index_videos(root, manifest, patient_pattern)
-    cache_dir = cache_dir if cache_dir is not None else default_cache_dir(root, manifest)
-    return build_cache(records, cache_dir, short_side=short_side, stride=stride, rgb=CACHE_RGB)
+    return build_cache(records, cache_dir, short_side=short_side, stride=stride, rgb=CACHE_RGB,
+                       min_decoded_fraction=min_decoded_fraction)
 
 
 def prepare(cfg_data: Mapping[str, Any]) -> CacheSummary:
     """prepare_frame_cache from the `data` config group (conf/data/videos.yaml)."""
-    keys = ("root", "manifest", "cache_dir", "short_side", "stride", "patient_pattern")
+    keys = ("root", "manifest", "cache_dir", "short_side", "stride", "patient_pattern", "min_decoded_fraction")
     return prepare_frame_cache(**{key: cfg_data[key] for key in keys})
 
 
@@ -267,10 +262,11 @@ class VideoFramePairDataModule(L.LightningDataModule):
         self,
         root: str | None,
         manifest: str | None,
-        cache_dir: str | None,
+        cache_dir: str,
         patient_pattern: str,
         short_side: int,
         stride: int,
+        min_decoded_fraction: float,
         image_size: int,
         channels: int,
         mean: float,
@@ -291,10 +287,11 @@ class VideoFramePairDataModule(L.LightningDataModule):
             raise ValueError(f"views must have keys view1 and view2, got {sorted(views)}")
         self.root = root
         self.manifest = manifest
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(root, manifest)
+        self.cache_dir = Path(cache_dir)
         self.patient_pattern = patient_pattern
         self.short_side = short_side
         self.stride = stride
+        self.min_decoded_fraction = min_decoded_fraction
         self.image_size = image_size
         self.channels = channels
         self.mean = mean
@@ -328,7 +325,8 @@ class VideoFramePairDataModule(L.LightningDataModule):
         return index_videos(self.root, self.manifest, self.patient_pattern)
 
     def prepare_data(self) -> None:
-        build_cache(self._records(), self.cache_dir, self.short_side, self.stride, CACHE_RGB)
+        build_cache(self._records(), self.cache_dir, self.short_side, self.stride, CACHE_RGB,
+                    min_decoded_fraction=self.min_decoded_fraction)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

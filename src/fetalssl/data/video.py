@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 
@@ -251,6 +252,20 @@ def _open_reader(path: Path, backend: str):
 def open_video(path: str | Path, rgb: bool = False, backend: str = "auto") -> VideoSource:
     """Lazy, picklable video handle (nothing is opened or decoded until used)."""
     return VideoSource(path, rgb=rgb, backend=backend)
+
+
+def declared_frame_count(path: str | Path) -> int | None:
+    """How many frames the container's header says the video has (None when it does not say, or for DICOM,
+    whose frame count is its pixel data's). A decoded count below it means a truncated or damaged file."""
+    path = Path(path)
+    if is_dicom(path):
+        return None
+    try:
+        with av.open(str(path)) as container:
+            frames = container.streams.video[0].frames if container.streams.video else 0
+    except (av.error.FFmpegError, OSError):
+        return None
+    return int(frames) or None
 
 
 def read_frames(

@@ -74,6 +74,16 @@ class PlaneClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["init_weights"] = self.init_weights
+        if not self.trained_backbone_parameters and self.init_weights is not None:
+            # A frozen backbone is exactly its init file (path + sha256 recorded): store the head only, not a
+            # copy of the backbone per sweep point.
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if not k.startswith("backbone.")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        if not any(k.startswith("backbone.") for k in state):  # head-only (above): the frozen backbone as it is
+            state.update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.trained_backbone_parameters)):

@@ -17,6 +17,8 @@ from fetalssl.models.optim import parameter_groups, scaled_lr, warmup_cosine
 log = logging.getLogger(__name__)
 
 Batch = dict[str, Tensor]
+# Safety rule, not a knob: a warm-up may take at most this share of the run (short test / smoke runs).
+MAX_WARMUP_SHARE = 0.5
 
 
 class SSLMethod(L.LightningModule):
@@ -85,6 +87,12 @@ class SSLMethod(L.LightningModule):
             raise ValueError("the LR/EMA schedules need a finite run: set trainer.max_epochs or trainer.max_steps")
         self.total_steps = int(total)
         warmup = self._warmup_steps()
+        if warmup > MAX_WARMUP_SHARE * self.total_steps:
+            clamped = int(MAX_WARMUP_SHARE * self.total_steps)
+            log.warning("warm-up of %d steps is longer than %d%% of this %d-step run: the LR would barely reach "
+                        "its peak; warming up over %d steps instead (set method.warmup_epochs to change it)",
+                        warmup, 100 * MAX_WARMUP_SHARE, self.total_steps, clamped)
+            warmup = clamped
         log.info("lr %.4g (base %.4g), %d warm-up of %d total steps", lr, self.base_lr, warmup, self.total_steps)
         scheduler = LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, self.total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
