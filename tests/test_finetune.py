@@ -72,7 +72,7 @@ def finetune_cfg(source: Path, mode: str = "linear", **trainer):
                     **trainer},
     })
     cfg.data.update(root=str(source), image_size=SIZE, num_workers=0, batch_size=16, val_fraction=0.2,
-                    test_fraction=0.2)
+                    test_fraction=0.2, classes=CLASSES)
     return cfg
 
 
@@ -535,4 +535,4 @@ def test_a_linear_probe_checkpoint_holds_the_head_only_and_is_tested_with_its_in
     with torch.no_grad():
         p = model(x[None])[0].numpy()
     np.testing.assert_allclose(p, [float(probs[0][f"prob_{c}"]) for c in meta.classes], atol=1e-5)
-    assert result["status"] == "ok" and meta.classes == result["classes"]
+    assert result["status"] == "ok" and meta.classes == result["classes"] == CLASSES
