@@ -125,3 +125,15 @@ def test_pretraining_on_one_patient_warns_and_still_keeps_a_weights_only_best_ch
     assert "optimizer_states" not in best_ckpt and "optimizer_states" in last_ckpt  # resume needs only last.ckpt
     assert best_ckpt["state_dict"].keys() == last_ckpt["state_dict"].keys()
     assert not list(one.parent.rglob(".fetalssl_cache")) and (tmp_path / "frame_cache" / "index.json").is_file()
+
+
+def test_a_sweep_mixing_inits_takes_init_checkpoint_and_trainer_keys_as_typed(tiny_demo_data, tmp_path):
+    weights = tmp_path / "backbone.pt"
+    torch.save(timm.create_model("resnet18", num_classes=0, pretrained=False).state_dict(), weights)
+    run_cli("fetalssl-finetune", "-m", *TINY_FINETUNE, f"data.root={tiny_demo_data}", f"paths.output_root={tmp_path}",
+            "run_id=mix", "init=random,ssl", f"init.checkpoint={weights}", "trainer.max_steps=3",
+            "trainer.limit_val_batches=1")
+    runs = {r["grid"]["init"]: r for r in (json.loads(p.read_text())
+                                           for p in (tmp_path / "finetune_sweep" / "mix").glob("*/metrics.json"))}
+    assert {k: r["status"] for k, r in runs.items()} == {"random": "ok", "ssl": "ok"}
+    assert runs["ssl"]["init_weights"]["path"] == str(weights.resolve()) and runs["random"]["init_weights"] is None
