@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TINY = {
     "fetalssl-train": "trainer.max_steps=2 trainer.limit_val_batches=1 data.image_size=32 data.short_side=40 "
-                      "data.batch_size=8 data.samples_per_video=4 data.num_workers=0 probe=none",
+                      "data.batch_size=16 data.samples_per_video=8 data.num_workers=0 probe=none",
     "fetalssl-finetune": "trainer.max_epochs=1 data.image_size=32 data.num_workers=0",
     "fetalssl-predict": "batch_size=16",
 }

@@ -34,7 +34,7 @@ def _metrics(run_dir: Path, key: str) -> dict[int, float]:
 
 @pytest.mark.parametrize("method", ["barlowtwins", "simclr", "moco"])
 def test_two_ranks_of_batch_b_take_the_step_of_one_process_with_batch_2b(method, tiny_demo_data, tmp_path):
-    step = ["+trainer.max_steps=1", "+trainer.limit_val_batches=0", "data.val_fraction=0",
+    step = ["trainer.max_steps=1", "trainer.limit_val_batches=0", "data.val_fraction=0",
             "callbacks.last_checkpoint.every_n_train_steps=1", f"method={method}"]
     _train(tiny_demo_data, tmp_path, "one", *step, "trainer=cpu", "data.batch_size=8")
     _train(tiny_demo_data, tmp_path, "ddp", *step, "trainer=ddp_sim", "data.batch_size=4")
@@ -81,7 +81,7 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(metho
 def test_a_ddp_multirun_writes_one_directory_per_sweep_point(tiny_demo_data, tmp_path):
     sweep = tmp_path / "sweep"
     run_cli("fetalssl-train", "-m", *TINY, "trainer=ddp_sim", "method=barlowtwins", "data.batch_size=4,8",
-            "+trainer.max_steps=1", "+trainer.limit_val_batches=0", f"data.root={tiny_demo_data}",
+            "trainer.max_steps=1", "trainer.limit_val_batches=0", f"data.root={tiny_demo_data}",
             f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=b${data.batch_size}", f"paths.output_root={tmp_path}",
             cwd=tmp_path)
     points = sorted(p.name for p in sweep.iterdir() if p.is_dir())
