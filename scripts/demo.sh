@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: the whole pipeline on built-in synthetic data, on CPU (17 min measured on 2 cores).
+# `make demo`: the whole pipeline on built-in synthetic data, on CPU (13 min measured on 2 idle cores).
 #   1. generate synthetic fetal-echo videos and labelled stills
 #   2. pretrain BarlowTwins on the videos
 #   3. fine-tune random vs SSL initialisation at two label fractions, linear probe (cached features) and full,
