@@ -72,6 +72,10 @@ def make_dm(root, tmp_path, pair_sampler=None, views=None, **overrides):
         num_workers=0,
         samples_per_video=6,
         max_open_memmaps=2,  # fewer than the videos: the LRU closes and reopens them
+        patient_fraction=1.0,
+        frames_per_video=None,
+        frame_selection="window",
+        pairs_per_epoch=None,
         val_fraction=0.4,
         seed=0,
         pair_sampler=pair_sampler or SameFramePairs(),

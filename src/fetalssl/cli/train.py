@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> Path:
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data, pair_sampler=instantiate(cfg.pairs), views=instantiate(cfg.augment))
+    datamodule = instantiate(cfg.data, pair_sampler=instantiate(cfg.pairs), views=instantiate(cfg.augment),
+                             output_dir=output_dir)
     backbone = instantiate(cfg.backbone)
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)

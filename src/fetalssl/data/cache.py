@@ -46,6 +46,13 @@ class CachedVideo:
     n_frames: int
     fps: float  # of the source; the cache holds fps / stride frames per second
     stride: int
+    # A subset of the cached frames (pretraining data budgets): frame k is cached frame first + k * step, and
+    # stride counts source frames between them (cache stride x step).
+    first: int = 0
+    step: int = 1
+
+    def cache_index(self, k: int) -> int:
+        return self.first + k * self.step
 
     def frames(self) -> np.ndarray:
         """Read-only memmap (T, H, W) or (T, H, W, 3); open it inside the worker that reads it."""

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,11 @@ from fetalssl.data.cache import CachedVideo, CacheSummary, build_cache, load_cac
 from fetalssl.data.index import VideoRecord, index_videos
 from fetalssl.data.pairs import PairSpec, compose_view
 from fetalssl.data.transforms import to_normalised_tensor, with_channels
+from fetalssl.io import save_json
 
 log = logging.getLogger(__name__)
 
+TRAINING_DATA_FILE = "pretraining_data.json"  # what a run really trained on: patients, videos, frames
 CACHE_RGB = False  # frames are cached grayscale; 3-channel inputs replicate gray (see with_channels)
 
 
@@ -51,6 +55,36 @@ def prepare(cfg_data: Mapping[str, Any]) -> CacheSummary:
     """prepare_frame_cache from the `data` config group (conf/data/videos.yaml)."""
     keys = ("root", "manifest", "cache_dir", "short_side", "stride", "patient_pattern", "min_decoded_fraction")
     return prepare_frame_cache(**{key: cfg_data[key] for key in keys})
+
+
+def patient_subset(videos: Sequence[CachedVideo], fraction: float, seed: int) -> list[CachedVideo]:
+    """The videos of a seeded share of the patients (at least one). One permutation per seed, whatever the
+    fraction, so shares are nested: the 25 % patients are among the 50 % ones."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"data.patient_fraction={fraction}: must be in (0, 1]")
+    patients = sorted({v.patient_id for v in videos})
+    keep = max(1, math.floor(fraction * len(patients) + 0.5))
+    chosen = {patients[i] for i in np.random.default_rng([seed, 2]).permutation(len(patients))[:keep]}
+    return [v for v in videos if v.patient_id in chosen]
+
+
+FRAME_SELECTIONS = ("window", "even")
+
+
+def frame_subset(video: CachedVideo, frames: int | None, selection: str, rng: np.random.Generator) -> CachedVideo:
+    """At most `frames` distinct frames of a video: a contiguous window at a seeded position ("window"), or
+    frames evenly spaced over the whole video ("even", fewer frames per second). None: all frames."""
+    if selection not in FRAME_SELECTIONS:
+        raise ValueError(f"data.frame_selection={selection!r}: must be one of {FRAME_SELECTIONS}")
+    if frames is None or frames >= video.n_frames:
+        return video
+    if frames < 1:
+        raise ValueError(f"data.frames_per_video={frames}: must be >= 1 or null")
+    if selection == "window":
+        return replace(video, n_frames=frames, first=int(rng.integers(video.n_frames - frames + 1)))
+    step = video.n_frames // frames
+    return replace(video, n_frames=frames, first=(video.n_frames - 1 - step * (frames - 1)) // 2, step=step,
+                   stride=video.stride * step)
 
 
 def split_by_patient(
@@ -91,6 +125,7 @@ class FramePairDataset(Dataset):
         mean: float,
         std: float,
         max_open_memmaps: int,
+        pairs_per_epoch: int | None,
     ):
         if not videos:
             raise ValueError("FramePairDataset needs at least one video")
@@ -104,6 +139,9 @@ class FramePairDataset(Dataset):
         self.mean = mean
         self.std = std
         self.max_open_memmaps = max_open_memmaps
+        if pairs_per_epoch is not None and pairs_per_epoch < 1:
+            raise ValueError(f"data.pairs_per_epoch={pairs_per_epoch}: must be >= 1 or null")
+        self.pairs_per_epoch = pairs_per_epoch
         self.epoch = 0
         self._open: OrderedDict[int, np.ndarray] = OrderedDict()
 
@@ -114,7 +152,8 @@ class FramePairDataset(Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.videos) * self.samples_per_video
+        # A fixed budget makes runs on more or fewer videos see (and cost) the same number of pairs.
+        return self.pairs_per_epoch or len(self.videos) * self.samples_per_video
 
     def _frames(self, video_index: int) -> np.ndarray:
         if video_index in self._open:
@@ -135,7 +174,8 @@ class FramePairDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         spec = self.pair_spec(index, rng)
         video_frames = self._frames(index % len(self.videos))
-        frames = {i: np.asarray(video_frames[i]) for i in spec.frame_indices()}
+        video = self.videos[index % len(self.videos)]
+        frames = {i: np.asarray(video_frames[video.cache_index(i)]) for i in spec.frame_indices()}
         sample = {}
         for name, view_spec in (("view1", spec.view1), ("view2", spec.view2)):
             image = with_channels(compose_view(frames, view_spec), self.channels)
@@ -256,6 +296,11 @@ class VideoFramePairDataModule(L.LightningDataModule):
 
     prepare_data decodes the videos once into the frame cache; setup splits videos by patient (val patients never
     in train) and builds the datasets. Val samples are the same every epoch so val/loss is comparable.
+
+    Pretraining data budgets (for studies of data variety vs amount), applied to the training patients only:
+    ``patient_fraction`` (seeded, nested share of the patients), ``frames_per_video`` with ``frame_selection``
+    (at most that many distinct frames per video) and ``pairs_per_epoch`` (a fixed number of training pairs).
+    What was used is logged and written to ``<output_dir>/pretraining_data.json``.
     """
 
     def __init__(
@@ -275,10 +320,15 @@ class VideoFramePairDataModule(L.LightningDataModule):
         num_workers: int,
         samples_per_video: int,
         max_open_memmaps: int,
+        patient_fraction: float,
+        frames_per_video: int | None,
+        frame_selection: str,
+        pairs_per_epoch: int | None,
         val_fraction: float,
         seed: int,
         pair_sampler,
         views: Mapping[str, A.Compose],
+        output_dir: str | Path | None = None,
     ):
         super().__init__()
         if root is None and manifest is None:
@@ -300,6 +350,11 @@ class VideoFramePairDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.samples_per_video = samples_per_video
         self.max_open_memmaps = max_open_memmaps
+        self.patient_fraction = patient_fraction
+        self.frames_per_video = frames_per_video
+        self.frame_selection = frame_selection
+        self.pairs_per_epoch = pairs_per_epoch
+        self.output_dir = None if output_dir is None else Path(output_dir)
         self.val_fraction = val_fraction
         self.seed = seed
         self.pair_sampler = pair_sampler
@@ -333,6 +388,9 @@ class VideoFramePairDataModule(L.LightningDataModule):
             return
         videos = load_cache(self._records(), self.cache_dir, self.short_side, self.stride, CACHE_RGB)
         train, val = split_by_patient(videos, self.val_fraction, self.seed)
+        train = patient_subset(train, self.patient_fraction, self.seed)
+        train = [frame_subset(v, self.frames_per_video, self.frame_selection, np.random.default_rng([self.seed, 3, i]))
+                 for i, v in enumerate(train)]
         log.info(
             "pretraining videos: %d train (%d patients), %d val (%d patients)",
             len(train),
@@ -340,11 +398,26 @@ class VideoFramePairDataModule(L.LightningDataModule):
             len(val),
             len({v.patient_id for v in val}),
         )
-        self.train_set = self._dataset(train, self.seed)
+        self.train_set = self._dataset(train, self.seed, self.pairs_per_epoch)
         # A different seed stream for val, fixed across epochs.
-        self.val_set = self._dataset(val, self.seed + 1) if val else None
+        self.val_set = self._dataset(val, self.seed + 1, None) if val else None
+        self._record_training_data(train)
 
-    def _dataset(self, videos: Sequence[CachedVideo], seed: int) -> FramePairDataset:
+    def _record_training_data(self, train: Sequence[CachedVideo]) -> None:
+        record = {
+            "patients": sorted({v.patient_id for v in train}),
+            "videos": [{"source": str(v.source), "patient_id": v.patient_id, "frames": v.n_frames,
+                        "first_cached_frame": v.first, "cached_frame_step": v.step} for v in train],
+            "pairs_per_epoch": len(self.train_set),
+            "settings": {"patient_fraction": self.patient_fraction, "frames_per_video": self.frames_per_video,
+                         "frame_selection": self.frame_selection, "pairs_per_epoch": self.pairs_per_epoch},
+        }
+        log.info("pretraining on %d patients, %d videos, %d distinct frames, %d pairs per epoch",
+                 len(record["patients"]), len(train), sum(v.n_frames for v in train), len(self.train_set))
+        if self.output_dir is not None:
+            save_json(record, self.output_dir / TRAINING_DATA_FILE)
+
+    def _dataset(self, videos: Sequence[CachedVideo], seed: int, pairs_per_epoch: int | None) -> FramePairDataset:
         return FramePairDataset(
             videos,
             self.pair_sampler,
@@ -356,6 +429,7 @@ class VideoFramePairDataModule(L.LightningDataModule):
             self.mean,
             self.std,
             self.max_open_memmaps,
+            pairs_per_epoch,
         )
 
     def _loader(
