@@ -34,3 +34,24 @@ def init_config(name: str):
 
     with initialize_config_module("fetalssl.conf", version_base="1.3"):
         return compose("finetune", overrides=[f"init={name}", "data.root=unused"]).init
+
+
+def scan_options(name: str = "keep", **overrides):
+    """conf/scan/<name>.yaml instantiated (fetalssl.data.scan.ScanOptions), with top-level fields overridden."""
+    from dataclasses import replace
+
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+
+    with initialize_config_module("fetalssl.conf", version_base="1.3"):
+        options = instantiate(compose("prepare", overrides=[f"scan={name}"]).scan)
+    return replace(options, **overrides)
+
+
+def data_groups(scan: str = "keep", normalization: str = "fixed") -> dict:
+    """The top-level groups the data configs interpolate (${scan}, ${normalization.mean}), as YAML nodes."""
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "src" / "fetalssl" / "conf"
+    return {"scan": OmegaConf.load(conf / "scan" / f"{scan}.yaml"),
+            "normalization": OmegaConf.load(conf / "normalization" / f"{normalization}.yaml")}

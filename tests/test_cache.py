@@ -8,10 +8,13 @@ import av
 import numpy as np
 import pytest
 
+from conftest import scan_options
 from fetalssl.data import cache as cache_module
 from fetalssl.data.cache import CacheError, build_cache, load_cache
 from fetalssl.data.index import VideoRecord
 from test_video import frame_value, write_video
+
+KEEP = scan_options("keep")
 
 
 def records_for(*paths):
@@ -35,7 +38,7 @@ def zero_frame_video(path):
 
 
 def test_build_decodes_resizes_and_strides(tmp_path, good_videos):
-    summary = build_cache(records_for(*good_videos), tmp_path / "cache", short_side=32, stride=5, rgb=False, min_decoded_fraction=0.9)
+    summary = build_cache(records_for(*good_videos), tmp_path / "cache", short_side=32, stride=5, rgb=False, min_decoded_fraction=0.9, scan=KEEP)
     assert (summary.videos_read, summary.built, summary.reused, summary.skipped) == (2, 2, 0, [])
     a, b = summary.videos
     assert (a.n_frames, b.n_frames) == (6, 5) and summary.frames_cached == 11  # ceil(30/5), ceil(21/5)
@@ -46,10 +49,10 @@ def test_build_decodes_resizes_and_strides(tmp_path, good_videos):
     np.testing.assert_allclose(
         frames[:, 20:].mean(axis=(1, 2)), [frame_value(k) for k in range(0, 30, 5)], atol=3
     )
-    rgb = build_cache(records_for(good_videos[0]), tmp_path / "cache", short_side=32, stride=5, rgb=True, min_decoded_fraction=0.9)
+    rgb = build_cache(records_for(good_videos[0]), tmp_path / "cache", short_side=32, stride=5, rgb=True, min_decoded_fraction=0.9, scan=KEEP)
     assert rgb.videos[0].frames().shape == (6, 32, 40, 3)
     assert [
-        v.frames_file for v in load_cache(records_for(*good_videos), tmp_path / "cache", 32, 5, False)
+        v.frames_file for v in load_cache(records_for(*good_videos), tmp_path / "cache", 32, 5, False, KEEP)
     ] == [
         a.frames_file,
         b.frames_file,
@@ -57,26 +60,26 @@ def test_build_decodes_resizes_and_strides(tmp_path, good_videos):
 
 
 def test_fresh_entries_are_reused_not_rewritten(tmp_path, good_videos):
-    build_cache(records_for(*good_videos), tmp_path / "cache", 32, 2, False, min_decoded_fraction=0.9)
+    build_cache(records_for(*good_videos), tmp_path / "cache", 32, 2, False, min_decoded_fraction=0.9, scan=KEEP)
     files = sorted((tmp_path / "cache" / "frames").glob("*.npy"))
     mtimes = [f.stat().st_mtime_ns for f in files]
-    again = build_cache(records_for(*good_videos), tmp_path / "cache", 32, 2, False, min_decoded_fraction=0.9)
+    again = build_cache(records_for(*good_videos), tmp_path / "cache", 32, 2, False, min_decoded_fraction=0.9, scan=KEEP)
     assert (again.built, again.reused) == (0, 2)
     assert [f.stat().st_mtime_ns for f in files] == mtimes
 
 
 def test_touched_source_or_new_params_rebuild(tmp_path, good_videos):
     cache_dir = tmp_path / "cache"
-    first = build_cache(records_for(*good_videos), cache_dir, 32, 2, False, min_decoded_fraction=0.9)
+    first = build_cache(records_for(*good_videos), cache_dir, 32, 2, False, min_decoded_fraction=0.9, scan=KEEP)
     stat = good_videos[0].stat()
     os.utime(good_videos[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touch
-    touched = build_cache(records_for(*good_videos), cache_dir, 32, 2, False, min_decoded_fraction=0.9)
+    touched = build_cache(records_for(*good_videos), cache_dir, 32, 2, False, min_decoded_fraction=0.9, scan=KEEP)
     assert (touched.built, touched.reused) == (1, 1)
     assert touched.videos[0].frames_file == first.videos[0].frames_file  # same key, refreshed in place
-    resized = build_cache(records_for(*good_videos), cache_dir, 16, 2, False, min_decoded_fraction=0.9)
+    resized = build_cache(records_for(*good_videos), cache_dir, 16, 2, False, min_decoded_fraction=0.9, scan=KEEP)
     assert (resized.built, resized.reused) == (2, 0) and resized.videos[0].frames().shape[1] == 16
     # both parameter sets stay available side by side
-    assert load_cache(records_for(*good_videos), cache_dir, 32, 2, False)[0].frames().shape[1] == 32
+    assert load_cache(records_for(*good_videos), cache_dir, 32, 2, False, KEEP)[0].frames().shape[1] == 32
 
 
 def test_bad_inputs_skipped_with_one_warning_each(tmp_path, good_videos, caplog):
@@ -89,7 +92,7 @@ def test_bad_inputs_skipped_with_one_warning_each(tmp_path, good_videos, caplog)
     missing = tmp_path / "src" / "missing.mp4"
     bad = [truncated, random_bytes, zero, missing]
     with caplog.at_level(logging.WARNING, logger="fetalssl.data.cache"):
-        summary = build_cache(records_for(*good_videos, *bad), tmp_path / "cache", 32, 1, False, min_decoded_fraction=0.9)
+        summary = build_cache(records_for(*good_videos, *bad), tmp_path / "cache", 32, 1, False, min_decoded_fraction=0.9, scan=KEEP)
     assert summary.videos_read == 2 and [path for path, _ in summary.skipped] == bad
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 4 and all(path.name in w for path, w in zip(bad, warnings, strict=True))
@@ -100,7 +103,7 @@ def test_all_bad_raises_naming_files(tmp_path):
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"not a video")
     with pytest.raises(CacheError, match="junk.mp4"):
-        build_cache(records_for(junk), tmp_path / "cache", 32, 1, False, min_decoded_fraction=0.9)
+        build_cache(records_for(junk), tmp_path / "cache", 32, 1, False, min_decoded_fraction=0.9, scan=KEEP)
 
 
 def test_crash_mid_write_leaves_no_readable_half_entry(tmp_path, good_videos, monkeypatch):
@@ -115,32 +118,32 @@ def test_crash_mid_write_leaves_no_readable_half_entry(tmp_path, good_videos, mo
 
     monkeypatch.setattr(cache_module.np, "save", save_half_then_die)
     with pytest.raises(KeyboardInterrupt):
-        build_cache(records_for(*good_videos), cache_dir, 32, 1, False, min_decoded_fraction=0.9)
+        build_cache(records_for(*good_videos), cache_dir, 32, 1, False, min_decoded_fraction=0.9, scan=KEEP)
     monkeypatch.undo()
     entries = json.loads((cache_dir / "index.json").read_text())["entries"]
     assert len(entries) == 1  # only the completed first video is indexed
     assert list((cache_dir / "frames").glob("*.npy")) == [cache_dir / next(iter(entries.values()))["file"]]
     assert not list(cache_dir.rglob("*.tmp"))
-    assert [v.source for v in load_cache(records_for(*good_videos), cache_dir, 32, 1, False)] == [
+    assert [v.source for v in load_cache(records_for(*good_videos), cache_dir, 32, 1, False, KEEP)] == [
         good_videos[0]
     ]
-    resumed = build_cache(records_for(*good_videos), cache_dir, 32, 1, False, min_decoded_fraction=0.9)
+    resumed = build_cache(records_for(*good_videos), cache_dir, 32, 1, False, min_decoded_fraction=0.9, scan=KEEP)
     assert (resumed.built, resumed.reused) == (1, 1) and resumed.videos[1].frames().shape == (21, 32, 64)
 
 
 def test_orphan_temp_and_corrupt_entry_are_not_trusted(tmp_path, good_videos):
     cache_dir = tmp_path / "cache"
-    summary = build_cache(records_for(good_videos[0]), cache_dir, 32, 1, False, min_decoded_fraction=0.9)
+    summary = build_cache(records_for(good_videos[0]), cache_dir, 32, 1, False, min_decoded_fraction=0.9, scan=KEEP)
     (cache_dir / "frames" / "x.npy.123.tmp").write_bytes(b"half")  # left by a hard kill (no finally)
     summary.videos[0].frames_file.write_bytes(b"\x93NUMPY garbage")  # damaged entry file
-    rebuilt = build_cache(records_for(good_videos[0]), cache_dir, 32, 1, False, min_decoded_fraction=0.9)
+    rebuilt = build_cache(records_for(good_videos[0]), cache_dir, 32, 1, False, min_decoded_fraction=0.9, scan=KEEP)
     assert rebuilt.built == 1 and rebuilt.videos[0].frames().shape == (30, 32, 40)
     assert not list(cache_dir.rglob("*.tmp"))
 
 
 def test_load_cache_without_build_is_a_clear_error(tmp_path, good_videos):
     with pytest.raises(CacheError, match="build the cache"):
-        load_cache(records_for(*good_videos), tmp_path / "empty", 32, 1, False)
+        load_cache(records_for(*good_videos), tmp_path / "empty", 32, 1, False, KEEP)
 
 
 def test_a_video_shorter_than_its_container_declares_is_named_and_kept_or_skipped_by_the_threshold(tmp_path):
@@ -151,10 +154,10 @@ def test_a_video_shorter_than_its_container_declares_is_named_and_kept_or_skippe
     write_demo_video(whole, np.random.default_rng(0).integers(0, 255, (120, 48, 64), dtype=np.uint8), fps=20)
     cut = tmp_path / "src" / "cut.avi"  # the AVI header still says 120 frames
     cut.write_bytes(whole.read_bytes()[: len(whole.read_bytes()) // 2])
-    summary = build_cache(records_for(whole, cut), tmp_path / "cache", 32, 1, False, min_decoded_fraction=0.9)
+    summary = build_cache(records_for(whole, cut), tmp_path / "cache", 32, 1, False, min_decoded_fraction=0.9, scan=KEEP)
     assert [v.source.name for v in summary.videos] == ["whole.avi"]
     [(path, reason)] = summary.skipped
     assert path == cut and "of the 120 frames its container declares" in reason and "min_decoded_fraction=0.9" in reason
-    kept = build_cache(records_for(cut), tmp_path / "cache2", 32, 1, False, min_decoded_fraction=0.3)
+    kept = build_cache(records_for(cut), tmp_path / "cache2", 32, 1, False, min_decoded_fraction=0.3, scan=KEEP)
     [(path, reason)] = kept.truncated
     assert path == cut and kept.videos[0].n_frames < 120 and "truncated" in str(kept)

@@ -11,6 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from conftest import data_groups, scan_options
 from fetalssl.data.downstream import DownstreamDataModule
 from fetalssl.data.splits import ManifestError
 
@@ -45,8 +46,10 @@ def eval_transform():
 def datamodule(source, **overrides) -> DownstreamDataModule:
     kwargs = dict(root=source, classes=CLASSES, patient_id="pattern", patient_pattern=r"^([^_]+)_",
                   image_extensions=[".png"], min_image_side=16,
-                  val_fraction=0.2, test_fraction=0.2, split_seed=0, fraction=1.0, fraction_seed=0,
-                  image_size=SIZE, channels=3, mean=0.5, std=0.25, train_transform=eval_transform(),
+                  val_fraction=0.2, test_fraction=0.2, split_seed=0, folds=None, fold=None, fraction=1.0,
+                  fraction_seed=0,
+                  image_size=SIZE, channels=3, mean=0.5, std=0.25, scan=scan_options("keep"),
+                  train_transform=eval_transform(),
                   eval_transform=eval_transform(), batch_size=8, num_workers=0, seed=0)
     return DownstreamDataModule(**{**kwargs, **overrides})
 
@@ -72,7 +75,7 @@ def test_batches_are_normalised_replicated_grey_with_fixed_class_indices(tmp_pat
 
 def test_labelled_yaml_instantiates_with_albumentations(tmp_path):
     source = make_images(tmp_path, 10, 1)
-    cfg = OmegaConf.create({"seed": 3, "data": OmegaConf.load(CONF / "data" / "labelled.yaml")})
+    cfg = OmegaConf.create({**data_groups(), "seed": 3, "data": OmegaConf.load(CONF / "data" / "labelled.yaml")})
     cfg.data.root, cfg.data.image_size, cfg.data.num_workers = str(source), SIZE, 0
     dm = instantiate(cfg.data, output_dir=tmp_path / "run")
     assert isinstance(dm.train_transform, A.Compose) and isinstance(dm.eval_transform, A.Compose)

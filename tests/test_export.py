@@ -8,6 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import scan_options
 from fetalssl.cli import export as export_cli
 from fetalssl.data.video import read_frames
 from fetalssl.predict.export import export_run
@@ -30,7 +31,8 @@ def test_export_writes_torchscript_onnx_and_sidecar_with_the_same_metadata(expor
     run, files = exported
     assert sorted(files) == [".json", ".onnx", ".ts"]
     sidecar = json.loads(files[".json"].read_text())
-    assert sidecar == {"channels": 3, "classes": ["4CH", "LVOT", "RVOT", "3VV", "3VT"], "format": 1,
+    assert sidecar["scan"] == scan_options("keep").record()  # the run's scan options, as its data config had them
+    assert {k: v for k, v in sidecar.items() if k != "scan"} == {"channels": 3, "classes": ["4CH", "LVOT", "RVOT", "3VV", "3VT"], "format": 2,
                        "image_size": 48, "input_layout": "NCHW float32", "mean": 0.5, "std": 0.25,
                        "output": "softmax probabilities (N, len(classes))",
                        "resize": "short_side_resize_then_centre_crop"}
@@ -73,9 +75,9 @@ def test_export_cli_reports_a_missing_run_dir(tmp_path, capsys):
 
 
 def test_metadata_rejects_unknown_formats():
-    meta = ModelMeta(classes=["a"], image_size=8, channels=1, mean=0.5, std=0.25)
+    meta = ModelMeta(classes=["a"], image_size=8, channels=1, mean=0.5, std=0.25, scan={})
     assert ModelMeta.from_json(meta.to_json(), "x") == meta
     with pytest.raises(ValueError, match="unsupported"):
-        ModelMeta.from_json(meta.to_json().replace('"format": 1', '"format": 2'), "m.onnx")
+        ModelMeta.from_json(meta.to_json().replace('"format": 2', '"format": 1'), "m.onnx")
     with pytest.raises(ValueError, match="m.onnx: malformed"):
         ModelMeta.from_json("{", "m.onnx")

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from sklearn.metrics import balanced_accuracy_score, f1_score
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import init_config
+from conftest import data_groups, init_config
 from fetalssl.data.splits import ManifestError
 from fetalssl.finetune.classifier import PlaneClassifier
 from fetalssl.finetune.features import CachedFeatureDataModule
@@ -57,6 +57,7 @@ def finetune_cfg(source: Path, mode: str = "linear", **trainer):
     """The config run_finetune expects, from the package YAMLs with tiny-data settings."""
     cfg = OmegaConf.create({
         "seed": 0,
+        **data_groups(),
         "data": OmegaConf.load(CONF / "data" / "labelled.yaml"),
         "backbone": {"_target_": "fetalssl.models.backbones.create_backbone", "name": "resnet18",
                      "in_chans": "${data.channels}", "pretrained_path": None, "zero_init_last": False, "trust_pickle": False},

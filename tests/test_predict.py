@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import init_config
+from conftest import data_groups, init_config
 from fetalssl.cli import predict as predict_cli
 from fetalssl.demo.generate import DemoDataSpec, generate_demo_data, write_video
 from fetalssl.demo.render import PLANES, render_sweep, sample_patient_anatomy
@@ -30,7 +30,7 @@ SETTINGS = FinderSettings(batch_size=8, smooth_window=3, abstain_threshold=None,
 def make_run_dir(root: Path, image_size: int = 32, seed: int = 0) -> Path:
     """A fine-tune run dir (config + best.ckpt) holding an untrained resnet18 with a sharpened head and
     non-trivial BatchNorm statistics, so probabilities are far from uniform without any training."""
-    cfg = OmegaConf.create({"data": OmegaConf.load(CONF / "data" / "labelled.yaml"),
+    cfg = OmegaConf.create({**data_groups(), "data": OmegaConf.load(CONF / "data" / "labelled.yaml"),
                             "backbone": OmegaConf.load(CONF / "backbone" / "resnet18.yaml"),
                             "init": init_config("random"),
                             "finetune_mode": OmegaConf.load(CONF / "finetune_mode" / "full.yaml")})
@@ -56,11 +56,11 @@ def make_run_dir(root: Path, image_size: int = 32, seed: int = 0) -> Path:
 def write_sweep(path: Path, n_frames: int = 24, size: int = 48, seed: int = 0) -> list[str]:
     """A synthetic cine (+ its frame,plane CSV, as the demo data has) -> the true plane per frame."""
     rng = np.random.default_rng(seed)
-    frames, labels = render_sweep(sample_patient_anatomy(rng), n_frames=n_frames, size=size, fps=10, rng=rng)
+    sweep = render_sweep(sample_patient_anatomy(rng), n_frames=n_frames, size=size, fps=10, rng=rng)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_video(path, frames, fps=10)
-    path.with_suffix(".csv").write_text("frame,plane\n" + "".join(f"{i},{p}\n" for i, p in enumerate(labels)))
-    return labels
+    write_video(path, sweep.frames, fps=10)
+    path.with_suffix(".csv").write_text("frame,plane\n" + "".join(f"{i},{p}\n" for i, p in enumerate(sweep.labels)))
+    return sweep.labels
 
 
 def files_under(root: Path) -> set[str]:
@@ -188,6 +188,7 @@ def finetune_cfg_64px(root: Path, max_epochs: int):
     """The package YAMLs with a small-data setting: full fine-tuning of resnet18 at 64 px."""
     cfg = OmegaConf.create({
         "seed": 0,
+        **data_groups(),
         "data": OmegaConf.load(CONF / "data" / "labelled.yaml"),
         "backbone": OmegaConf.load(CONF / "backbone" / "resnet18.yaml"),
         "init": init_config("random"),
@@ -211,7 +212,8 @@ def test_best_frame_of_each_plane_lies_in_its_true_segment_after_finetuning_on_d
     data = tmp_path / "demo"
     generate_demo_data(data, DemoDataSpec(video_patients=2, videos_per_patient=1, frames=60, size=64, fps=10,
                                           still_patients=12, stills=150, still_size=64, overlap=0, seed=0,
-                                          avi_every=0), overwrite=False)
+                                          avi_every=0, frame_counter=False, doppler_clips=0,
+                                          split_screen_clips=0), overwrite=False)
     run = tmp_path / "run"
     cfg = finetune_cfg_64px(data, max_epochs=8)
     run_finetune(cfg, run)

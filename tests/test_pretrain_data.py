@@ -14,6 +14,7 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 from omegaconf import OmegaConf
 from torch.utils.data import DistributedSampler
 
+from conftest import data_groups, scan_options
 from fetalssl.data.index import find_videos, index_videos, read_manifest
 from fetalssl.data.pairs import SameFramePairs, TemporalPairs
 from fetalssl.data.pretrain import VideoFramePairDataModule, prepare, split_by_patient
@@ -68,6 +69,7 @@ def make_dm(root, tmp_path, pair_sampler=None, views=None, **overrides):
         channels=3,
         mean=0.5,
         std=0.25,
+        scan=scan_options("keep"),
         batch_size=4,
         num_workers=0,
         samples_per_video=6,
@@ -212,6 +214,7 @@ def test_config_instantiates_and_bad_videos_are_skipped(video_root, tmp_path, ca
         {
             "seed": 3,
             "paths": {"output_root": str(tmp_path / "out")},
+            **data_groups(),
             "data": OmegaConf.load(CONF / "data" / "videos.yaml"),
             "pairs": OmegaConf.load(CONF / "pairs" / "temporal.yaml"),
             "augment": OmegaConf.load(CONF / "augment" / "ultrasound.yaml"),

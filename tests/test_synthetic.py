@@ -33,8 +33,11 @@ SMALL = dict(
 )
 
 
+PLAIN_CLIPS = dict(frame_counter=False, doppler_clips=0, split_screen_clips=0)
+
+
 def generate_demo_data(out, seed, overwrite=False, **params):
-    return _generate(out, DemoDataSpec(seed=seed, **params), overwrite)
+    return _generate(out, DemoDataSpec(seed=seed, **{**PLAIN_CLIPS, **params}), overwrite)
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:

@@ -33,6 +33,7 @@ from fetalssl.data.transforms import to_normalised_tensor, with_channels
 from fetalssl.data.video import open_video, resize_short_side
 
 CONF = Path(__file__).resolve().parents[2] / "src" / "fetalssl" / "conf"
+KEEP_PIXELS = instantiate(OmegaConf.load(CONF / "scan" / "keep.yaml"))  # the cache as it was measured: pixels unchanged
 
 
 def load_views(preset: str, image_size: int):
@@ -76,7 +77,8 @@ MODES = {"cache (np.memmap)": None, "on the fly, decord*": "auto", "on the fly, 
 
 def measure(mode: str, args) -> dict:
     records, sampler, views = inputs(args)
-    summary = build_cache(records, args.cache_dir, args.short_side, 1, rgb=False, min_decoded_fraction=0.9)  # built by the parent: reused
+    summary = build_cache(records, args.cache_dir, args.short_side, 1, rgb=False, min_decoded_fraction=0.9,
+                          scan=KEEP_PIXELS)  # built by the parent: reused
     if MODES[mode] is None:
         rate = cache_rate(summary.videos, sampler, views, args)
     else:

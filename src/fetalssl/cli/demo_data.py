@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stills", type=int, default=300, help="labelled stills in total (balanced over planes)")
     p.add_argument("--still-size", type=int, default=128, help="still image side in px")
     p.add_argument("--overlap", type=int, default=2, help="still patients that are also video patients")
+    p.add_argument("--frame-counter", action="store_true", help="burn a changing frame number into every sweep")
+    p.add_argument("--doppler-clips", type=int, default=0, help="extra colour Doppler clips")
+    p.add_argument("--split-screen-clips", type=int, default=0, help="extra split-screen clips")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUT")
     p.add_argument("--log-level", default="INFO")
@@ -51,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
             overlap=args.overlap,
             seed=args.seed,
             avi_every=args.avi_every,
+            frame_counter=args.frame_counter,
+            doppler_clips=args.doppler_clips,
+            split_screen_clips=args.split_screen_clips,
         )
         summary = generate_demo_data(args.out, spec, args.overwrite)
     except (ValueError, FileExistsError) as e:

@@ -2,6 +2,7 @@
 
     fetalssl-extract-frames                                   # POCUS: ${paths.pocus}/manifest.csv
     fetalssl-extract-frames manifest=my/videos.csv out_dir=my/prepared stride=5
+    fetalssl-extract-frames folds=5      # + a fold column and pretrain_manifest_fold<k>.csv per round
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ def main(cfg: DictConfig) -> None:
     summary = extract_frames(cfg.manifest, cfg.out_dir, stride=cfg.stride,
                              max_frames_per_video=cfg.max_frames_per_video, short_side=cfg.short_side,
                              val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.split_seed,
-                             subsets=OmegaConf.to_container(cfg.subsets))
+                             subsets=OmegaConf.to_container(cfg.subsets), folds=cfg.folds)
     print(summary)
 
 

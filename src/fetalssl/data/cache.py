@@ -1,9 +1,12 @@
 """On-disk frame cache: each video decoded once into a .npy (uint8, short side resized, every `stride`-th frame),
 read at random by many DataLoader workers through np.memmap.
 
-Layout: <cache_dir>/frames/<key>.npy plus <cache_dir>/index.json. The key hashes the source path and the
-parameters (short_side, stride, rgb); an entry also records the source's size and mtime, so a touched or replaced
-source is rebuilt and a change of parameters makes new entries. Writes are atomic (temp file, fsync, os.replace)
+Layout: <cache_dir>/frames/<key>.npy, <cache_dir>/scan/<key>.npz (the video's scan layout: sector and overlay
+masks, Doppler frames; data.scan) plus <cache_dir>/index.json. The key hashes the source path and the parameters
+(short_side, stride, rgb, the scan options); an entry also records the source's size and mtime, so a touched or
+replaced source is rebuilt and a change of parameters makes new entries. Each entry's index record holds the
+layout's summary (sector and overlay share, Doppler frames, frames kept) and the intensity moments of its live
+image, from which a run's normalisation is computed without reading the frames again. Writes are atomic (temp file, fsync, os.replace)
 and the index entry is written after its .npy: a crash leaves at most an orphan temp file, never a readable half
 entry, and a rerun keeps every entry already complete.
 """
@@ -22,14 +25,16 @@ from pathlib import Path
 import numpy as np
 
 from fetalssl.data.index import VideoRecord
-from fetalssl.data.video import VideoReadError, declared_frame_count, read_frames
+from fetalssl.data.scan import ScanLayout, ScanOptions, analyse_clip, apply_to_frames, intensity_moments
+from fetalssl.data.video import VideoReadError, declared_frame_count, read_frames, resize_short_side, to_gray
 from fetalssl.io import TMP_SUFFIX, atomic_write
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 FRAMES_DIR = "frames"
-FORMAT_VERSION = 1
+SCAN_DIR = "scan"
+FORMAT_VERSION = 2
 
 
 class CacheError(RuntimeError):
@@ -50,6 +55,8 @@ class CachedVideo:
     # stride counts source frames between them (cache stride x step).
     first: int = 0
     step: int = 1
+    moments: tuple[float, float, float] = (0.0, 0.0, 0.0)  # pixels, sum, sum of squares of the live image (x/255)
+    scan_file: Path | None = None  # the layout (sector, overlay masks) found when the entry was built
 
     def cache_index(self, k: int) -> int:
         return self.first + k * self.step
@@ -57,6 +64,20 @@ class CachedVideo:
     def frames(self) -> np.ndarray:
         """Read-only memmap (T, H, W) or (T, H, W, 3); open it inside the worker that reads it."""
         return np.load(self.frames_file, mmap_mode="r")
+
+    def layout(self) -> ScanLayout:
+        with np.load(self.scan_file) as f:
+            return ScanLayout(f["sector"], f["overlay"], f["doppler_frames"], bool(f["split_screen"]),
+                              bool(f["from_still"]))
+
+
+def intensity_stats(videos: Sequence[CachedVideo]) -> tuple[float, float]:
+    """(mean, std) of x/255 over the live image (sector minus overlays) of these cached videos."""
+    n, total, squares = (sum(v.moments[i] for v in videos) for i in range(3))
+    if n == 0:
+        raise CacheError("no live-image pixels in these videos to compute the normalisation from")
+    mean = total / n
+    return mean, math.sqrt(max(squares / n - mean * mean, 0.0))
 
 
 @dataclass
@@ -66,6 +87,7 @@ class CacheSummary:
     reused: int
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     truncated: list[tuple[Path, str]] = field(default_factory=list)  # kept, but shorter than declared
+    scans: dict[Path, dict] = field(default_factory=dict)  # per source: its layout summary and frames kept
 
     @property
     def videos_read(self) -> int:
@@ -85,8 +107,9 @@ class CacheSummary:
         return "\n".join(lines)
 
 
-def entry_key(source: Path, short_side: int | None, stride: int, rgb: bool) -> str:
-    text = f"{Path(source).resolve()}|short_side={short_side}|stride={stride}|rgb={rgb}|v{FORMAT_VERSION}"
+def entry_key(source: Path, short_side: int | None, stride: int, rgb: bool, scan: ScanOptions) -> str:
+    text = (f"{Path(source).resolve()}|short_side={short_side}|stride={stride}|rgb={rgb}|scan={scan.key()}"
+            f"|v{FORMAT_VERSION}")
     return hashlib.sha1(text.encode()).hexdigest()[:20]
 
 
@@ -127,19 +150,26 @@ def _cached_video(record: VideoRecord, entry: dict, cache_dir: Path) -> CachedVi
         n_frames=entry["shape"][0],
         fps=entry["fps"],
         stride=entry["stride"],
+        moments=tuple(entry["moments"]),
+        scan_file=cache_dir / entry["scan_file"],
     )
 
 
 def _remove_orphan_temps(cache_dir: Path) -> None:
-    for tmp in [*cache_dir.glob(f"*{TMP_SUFFIX}"), *(cache_dir / FRAMES_DIR).glob(f"*{TMP_SUFFIX}")]:
+    for tmp in [*cache_dir.glob(f"*{TMP_SUFFIX}"), *(cache_dir / FRAMES_DIR).glob(f"*{TMP_SUFFIX}"),
+                *(cache_dir / SCAN_DIR).glob(f"*{TMP_SUFFIX}")]:
         tmp.unlink(missing_ok=True)
 
 
 def build_cache(
     records: Sequence[VideoRecord], cache_dir: str | Path, short_side: int | None, stride: int, rgb: bool,
-    min_decoded_fraction: float,
+    min_decoded_fraction: float, scan: ScanOptions,
 ) -> CacheSummary:
     """Decode every record not already fresh in the cache; skip unreadable videos with one warning each.
+
+    Each decoded video's scan layout is found (data/scan.py) and `scan` applied: a Doppler or split-screen clip
+    may be skipped (named in the summary), Doppler frames dropped, overlays filled, the outside zeroed and the
+    frames cropped to the sector (then resized back to `short_side`).
 
     A video that decodes to fewer frames than its container declares (truncated, damaged) is named in the
     summary with both counts; it is kept if at least ``min_decoded_fraction`` of the declared frames decoded,
@@ -147,11 +177,12 @@ def build_cache(
     """
     cache_dir = Path(cache_dir)
     (cache_dir / FRAMES_DIR).mkdir(parents=True, exist_ok=True)
+    (cache_dir / SCAN_DIR).mkdir(exist_ok=True)
     _remove_orphan_temps(cache_dir)
     entries = load_index(cache_dir)
     summary = CacheSummary(videos=[], built=0, reused=0)
     for record in records:
-        key = entry_key(record.path, short_side, stride, rgb)
+        key = entry_key(record.path, short_side, stride, rgb, scan)
         try:
             stat = record.path.stat()
         except OSError as e:
@@ -161,20 +192,38 @@ def build_cache(
             summary.reused += 1
         else:
             try:
-                frames, fps = read_frames(record.path, rgb=rgb, stride=stride, short_side=short_side)
+                colour, fps = read_frames(record.path, rgb=True, stride=stride, short_side=short_side)
             except VideoReadError as e:
                 _skip(summary, record.path, str(e).removeprefix(f"{record.path}: "))
                 continue
             declared = declared_frame_count(record.path)
-            if declared is not None and len(frames) < math.ceil(declared / stride):
-                decoded = f"decoded {len(frames)} of the {math.ceil(declared / stride)} frames its container " \
+            if declared is not None and len(colour) < math.ceil(declared / stride):
+                decoded = f"decoded {len(colour)} of the {math.ceil(declared / stride)} frames its container " \
                           f"declares ({declared} at stride {stride}): truncated or damaged"
-                if len(frames) < min_decoded_fraction * math.ceil(declared / stride):
+                if len(colour) < min_decoded_fraction * math.ceil(declared / stride):
                     _skip(summary, record.path, f"{decoded}, below data.min_decoded_fraction={min_decoded_fraction}")
                     continue
                 log.warning("%s: %s; kept (data.min_decoded_fraction=%s)", record.path, decoded, min_decoded_fraction)
                 summary.truncated.append((record.path, decoded))
-            entry_file = f"{FRAMES_DIR}/{key}.npy"
+            gray = to_gray(colour)
+            layout = analyse_clip(gray, colour, scan.detector)
+            scan_record = {**layout.summary(), "frames_decoded": len(gray)}
+            reason = layout.skip_reason(scan)
+            kept = layout.frames_kept(scan)
+            if reason is None and kept.size == 0:
+                reason = "every frame is colour Doppler (scan.doppler=drop_frames)"
+            if reason is not None:
+                summary.scans[record.path] = {**scan_record, "frames_kept": 0}
+                _skip(summary, record.path, reason)
+                continue
+            frames = apply_to_frames((colour if rgb else gray)[kept], layout, scan)
+            moments = intensity_moments(frames, layout)
+            if scan.crop_to_sector:
+                frames = np.stack([resize_short_side(f, short_side) for f in frames])
+            entry_file, scan_file = f"{FRAMES_DIR}/{key}.npy", f"{SCAN_DIR}/{key}.npz"
+            atomic_write(cache_dir / scan_file, lambda f, lay=layout: np.savez_compressed(
+                f, sector=lay.sector, overlay=lay.overlay, doppler_frames=lay.doppler_frames,
+                split_screen=lay.split_screen, from_still=lay.from_still))
             atomic_write(cache_dir / entry_file, lambda f, a=frames: np.save(f, a))
             entries[key] = {
                 "source": str(record.path.resolve()),
@@ -186,9 +235,13 @@ def build_cache(
                 "fps": fps,
                 "shape": list(frames.shape),
                 "file": entry_file,
+                "scan_file": scan_file,
+                "scan": {**scan_record, "frames_kept": int(kept.size)},
+                "moments": list(moments),
             }
             _write_index(cache_dir, entries)  # after its .npy, so a crash never indexes a half entry
             summary.built += 1
+        summary.scans[record.path] = entries[key]["scan"]
         summary.videos.append(_cached_video(record, entries[key], cache_dir))
     if not summary.videos:
         raise CacheError(
@@ -205,7 +258,8 @@ def _skip(summary: CacheSummary, path: Path, reason: str) -> None:
 
 
 def load_cache(
-    records: Sequence[VideoRecord], cache_dir: str | Path, short_side: int | None, stride: int, rgb: bool
+    records: Sequence[VideoRecord], cache_dir: str | Path, short_side: int | None, stride: int, rgb: bool,
+    scan: ScanOptions,
 ) -> list[CachedVideo]:
     """The cached entries for `records` without decoding anything (sources that were skipped are absent).
 
@@ -215,7 +269,7 @@ def load_cache(
     entries = load_index(cache_dir)
     videos = []
     for record in records:
-        entry = entries.get(entry_key(record.path, short_side, stride, rgb))
+        entry = entries.get(entry_key(record.path, short_side, stride, rgb, scan))
         if entry is not None and (cache_dir / entry["file"]).exists():
             videos.append(_cached_video(record, entry, cache_dir))
     if not videos:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import albumentations as A
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from fetalssl.data.scan import ScanOptions, analyse_still, apply_to_frames, intensity_moments
 from fetalssl.data.splits import (
     LABELS_CSV,
     SPLITS,
@@ -26,6 +28,8 @@ from fetalssl.data.splits import (
     check_classes_present,
     check_given_splits,
     check_images,
+    fold_splits,
+    grouped_folds,
     grouped_split,
     infer_classes,
     nested_fraction,
@@ -46,14 +50,36 @@ def load_grayscale(path: Path) -> np.ndarray:
     return image
 
 
+def load_scan_image(path: Path, scan: ScanOptions) -> np.ndarray:
+    """A labelled still as the model sees it: grayscale, with the scan options applied to its own layout."""
+    image = load_grayscale(path)
+    if not scan.changes_pixels:
+        return image
+    return apply_to_frames(image, analyse_still(image, None, scan.detector), scan)
+
+
+def still_intensity_stats(paths: Sequence[Path], scan: ScanOptions) -> tuple[float, float]:
+    """(mean, std) of x/255 over the live image (sector minus overlays) of these stills, as processed."""
+    totals = np.zeros(3)
+    for path in paths:
+        image = load_grayscale(path)
+        layout = analyse_still(image, None, scan.detector)
+        totals += intensity_moments(apply_to_frames(image, layout, scan)[None], layout)
+    if totals[0] == 0:
+        raise ValueError("no live-image pixels in the training images to compute the normalisation from")
+    mean = totals[1] / totals[0]
+    return float(mean), float(np.sqrt(max(totals[2] / totals[0] - mean * mean, 0.0)))
+
+
 class LabelledImageDataset(Dataset):
     """Item ``i`` or ``(i, epoch)``: (normalised image, class index). The transform is seeded per item from
     ``(seed, epoch, i)``, so augmented images do not depend on the worker count or on albumentations' own
     generator (which global seeding does not reach); a plain ``i`` means epoch 0."""
 
     def __init__(self, rows: Sequence[LabelledImage], classes: Sequence[str], transform: A.Compose,
-                 channels: int, mean: float, std: float, image_size: int, seed: int):
+                 channels: int, mean: float, std: float, scan: ScanOptions, image_size: int, seed: int):
         self.rows = list(rows)
+        self.scan = scan
         self.seed = seed
         self.class_to_index = {c: i for i, c in enumerate(classes)}
         self.transform = transform
@@ -78,7 +104,7 @@ class LabelledImageDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         row = self.rows[index]
         self.transform.set_random_seed(int(np.random.default_rng([self.seed, epoch, index]).integers(2**31)))
-        image = self.transform(image=load_grayscale(row.path))["image"]
+        image = self.transform(image=load_scan_image(row.path, self.scan))["image"]
         if image.shape[:2] != (self.image_size, self.image_size):
             raise ValueError(f"{row.path}: transform produced {image.shape[:2]}, expected image_size "
                              f"{self.image_size}; check the transforms in conf/data/labelled.yaml")
@@ -134,9 +160,10 @@ class DownstreamDataModule(SplitDataModule):
     """
 
     def __init__(self, root: str, classes: Sequence[str] | None, patient_id: str, patient_pattern: str | None,
-                 image_extensions: Sequence[str], min_image_side: int, val_fraction: float, test_fraction: float, split_seed: int,
-                 fraction: float, fraction_seed: int, image_size: int, channels: int, mean: float, std: float,
-                 train_transform: A.Compose, eval_transform: A.Compose, batch_size: int, num_workers: int,
+                 image_extensions: Sequence[str], min_image_side: int, val_fraction: float, test_fraction: float,
+                 split_seed: int, folds: int | None, fold: int | None,
+                 fraction: float, fraction_seed: int, image_size: int, channels: int, mean: float | None,
+                 std: float | None, scan: ScanOptions, train_transform: A.Compose, eval_transform: A.Compose, batch_size: int, num_workers: int,
                  seed: int, output_dir: str | Path | None = None):
         super().__init__()
         if channels not in (1, 3):
@@ -154,12 +181,20 @@ class DownstreamDataModule(SplitDataModule):
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.split_seed = split_seed
+        if folds is not None and fold is None:
+            raise ValueError(f"data.folds={folds}: set data.fold to the round to run (0..{folds - 1})")
+        self.folds = folds
+        self.fold = fold
         self.fraction = fraction
         self.fraction_seed = fraction_seed
         self.image_size = image_size
         self.channels = channels
+        if (mean is None) != (std is None):
+            raise ValueError(f"data.mean={mean}, data.std={std}: give both, or neither (normalization=measured)")
         self.mean = mean
         self.std = std
+        self.normalization_source = "config" if mean is not None else None
+        self.scan = scan
         self.train_transform = train_transform
         self.eval_transform = eval_transform
         self.batch_size = batch_size
@@ -178,7 +213,9 @@ class DownstreamDataModule(SplitDataModule):
         check_images(rows, self.min_image_side)
         # Sorted so the split and subset depend on the data only, not on CSV row or directory listing order.
         rows.sort(key=lambda r: r.image_path)
-        if any(r.split is not None for r in rows):
+        if self.folds is not None:
+            rows = self._fold_split(rows)
+        elif any(r.split is not None for r in rows):
             check_given_splits(rows)
             log.info("Using the splits given in %s", self.root)
         else:
@@ -189,6 +226,10 @@ class DownstreamDataModule(SplitDataModule):
         keep = nested_fraction(self._label_indices(train), self.fraction, self.fraction_seed)
         by_split["train"] = [train[i] for i in keep]
         self.split_rows = by_split
+        if self.mean is None:
+            self.mean, self.std = still_intensity_stats([r.path for r in by_split["train"]], self.scan)
+            self.normalization_source = f"measured over the live image of {len(keep)} training images"
+            log.info("normalisation: mean %.4f, std %.4f (%s)", self.mean, self.std, self.normalization_source)
         log.info("Split sizes: %s; training on %d of %d (fraction %s, seed %d)",
                  {s: len(v) for s, v in by_split.items()}, len(keep), len(train), self.fraction,
                  self.fraction_seed)
@@ -202,8 +243,31 @@ class DownstreamDataModule(SplitDataModule):
     def _split(self, rows: list[LabelledImage]) -> list[LabelledImage]:
         splits = grouped_split(self._label_indices(rows), [r.patient_id for r in rows], self.val_fraction,
                                self.test_fraction, self.split_seed)
-        return [LabelledImage(r.path, r.image_path, r.label, r.patient_id, str(s), r.source)
-                for r, s in zip(rows, splits, strict=True)]
+        return self._with_splits(rows, splits)
+
+    def _fold_split(self, rows: list[LabelledImage]) -> list[LabelledImage]:
+        """Cross-validation round `fold` of `folds`: the manifest's `fold` column when it has one (written by
+        fetalssl-extract-frames, so pretraining manifests per fold match), else patient-grouped,
+        label-stratified folds seeded by split_seed. A given `split` column is not used."""
+        if any(r.split is not None for r in rows):
+            log.info("data.folds=%d: the split column of %s is not used", self.folds, self.root)
+        if any(r.fold is not None for r in rows):
+            check_given_splits(rows, attribute="fold")
+            folds = np.array([r.fold for r in rows])
+            outside = sorted(set(folds.tolist()) - set(range(self.folds)))
+            if outside:
+                raise ValueError(f"{self.root}: fold column holds {outside}, outside 0..{self.folds - 1} "
+                                 f"(data.folds={self.folds})")
+        else:
+            folds = grouped_folds(self._label_indices(rows), [r.patient_id for r in rows], self.folds,
+                                  self.split_seed)
+        log.info("cross-validation: fold %d of %d is test, fold %d val", self.fold, self.folds,
+                 (self.fold + 1) % self.folds)
+        return self._with_splits(rows, fold_splits(folds, self.fold, self.folds))
+
+    @staticmethod
+    def _with_splits(rows: Sequence[LabelledImage], splits: Sequence[str]) -> list[LabelledImage]:
+        return [replace(r, split=str(s)) for r, s in zip(rows, splits, strict=True)]
 
     def labels_csv(self) -> Path | None:
         """The labels CSV read (a CSV given as root, or root/labels.csv); None for class folders."""
@@ -238,7 +302,7 @@ class DownstreamDataModule(SplitDataModule):
     def dataset(self, split: str, augment: bool = False) -> LabelledImageDataset:
         transform = self.train_transform if augment else self.eval_transform
         return LabelledImageDataset(self.rows(split), self.classes, transform, self.channels, self.mean,
-                                    self.std, self.image_size, self.seed)
+                                    self.std, self.scan, self.image_size, self.seed)
 
     def loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self.dataset(split, augment=train)

@@ -6,6 +6,9 @@ any other column (licence, origin, probe ...) is carried into every derived file
 - videos.csv: every source row, `path` rewritten relative to the output folder, plus `split`;
 - pretrain_manifest.csv: the rows of the training split only (what `data.manifest` of fetalssl-train reads),
   so SSL pretraining never sees a validation or test patient;
+- with `folds=K` (cross-validation): a `fold` column in videos.csv and labels.csv (patient-grouped,
+  label-stratified folds over videos) and pretrain_manifest_fold<k>.csv per round k: the videos of round k's
+  training folds only (fine-tuning's `data.folds=K data.fold=k` makes fold k test and fold (k+1) % K val);
 - frames/<label>/<video n>_<video stem>_f<frame>.png: every `stride`-th frame of each video (evenly thinned to
   at most `max_frames_per_video`), grayscale, short side resized to `short_side`;
 - labels.csv: image_path,label,patient_id,split,video,frame + the carried columns (fetalssl-finetune's input;
@@ -28,7 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fetalssl.data.splits import SPLITS, grouped_split
+from fetalssl.data.splits import SPLITS, fold_splits, grouped_folds, grouped_split
 from fetalssl.data.video import VideoReadError, read_frames
 
 log = logging.getLogger(__name__)
@@ -74,13 +77,26 @@ def read_video_manifest(manifest: str | Path) -> tuple[list[dict[str, str]], lis
     return rows, columns
 
 
+def _label_indices(rows: Sequence[Mapping[str, str]]) -> np.ndarray:
+    labels = sorted({r["label"] for r in rows})
+    return np.array([labels.index(r["label"]) for r in rows])
+
+
 def split_videos(rows: Sequence[Mapping[str, str]], val_fraction: float, test_fraction: float,
                  seed: int) -> list[str]:
     """Split name per video: grouped by patient, stratified by label over videos."""
-    labels = sorted({r["label"] for r in rows})
-    label_index = np.array([labels.index(r["label"]) for r in rows])
-    return grouped_split(label_index, [r["patient_id"] for r in rows], val_fraction, test_fraction,
+    return grouped_split(_label_indices(rows), [r["patient_id"] for r in rows], val_fraction, test_fraction,
                          seed).tolist()
+
+
+def fold_videos(rows: Sequence[Mapping[str, str]], folds: int, seed: int) -> list[int]:
+    """Cross-validation fold per video: grouped by patient, stratified by label over videos."""
+    return grouped_folds(_label_indices(rows), [r["patient_id"] for r in rows], folds, seed).tolist()
+
+
+def pretrain_manifest_name(fold: int | None) -> str:
+    """pretrain_manifest.csv, or pretrain_manifest_fold<k>.csv for cross-validation round k."""
+    return PRETRAIN_MANIFEST if fold is None else f"pretrain_manifest_fold{fold}.csv"
 
 
 def thin_evenly(n: int, max_count: int) -> list[int]:
@@ -104,7 +120,7 @@ def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, s
 
 def extract_frames(manifest: str | Path, out_dir: str | Path, stride: int, max_frames_per_video: int,
                    short_side: int, val_fraction: float, test_fraction: float, seed: int,
-                   subsets: Mapping[str, Sequence[str]]) -> ExtractionSummary:
+                   subsets: Mapping[str, Sequence[str]], folds: int | None) -> ExtractionSummary:
     """Write the split, the pretraining manifest and the strided frames (see the module docstring)."""
     if stride < 1 or max_frames_per_video < 1:
         raise ValueError(f"stride={stride} and max_frames_per_video={max_frames_per_video} must be >= 1")
@@ -117,14 +133,16 @@ def extract_frames(manifest: str | Path, out_dir: str | Path, stride: int, max_f
         if unknown:
             raise ValueError(f"subset {name!r}: classes {unknown} do not occur in {manifest}")
     splits = split_videos(rows, val_fraction, test_fraction, seed)
-    carried = [c for c in columns if c not in (*REQUIRED_VIDEO_COLUMNS, "split")]
+    fold_of = fold_videos(rows, folds, seed) if folds is not None else [None] * len(rows)
+    derived = ("split",) if folds is None else ("split", "fold")
+    carried = [c for c in columns if c not in (*REQUIRED_VIDEO_COLUMNS, *derived)]
 
     video_rows, frame_rows, skipped = [], [], []
-    for number, (row, split) in enumerate(zip(rows, splits, strict=True)):
+    for number, (row, split, fold) in enumerate(zip(rows, splits, fold_of, strict=True)):
         source = manifest.parent / row["path"]
         # Relative paths keep the derived manifests valid when source and output move together.
         relative = Path(os.path.relpath(source.resolve(), out_dir.resolve())).as_posix()
-        video_rows.append({**row, "path": relative, "split": split})
+        video_rows.append({**row, "path": relative, "split": split, **({} if fold is None else {"fold": fold})})
         try:
             frames, _ = read_frames(source, stride=stride, short_side=short_side)
         except (VideoReadError, OSError) as err:
@@ -140,11 +158,18 @@ def extract_frames(manifest: str | Path, out_dir: str | Path, stride: int, max_f
                 raise OSError(f"cannot write {image_path}")
             frame_rows.append({"image_path": image_path.relative_to(out_dir).as_posix(), "label": row["label"],
                                "patient_id": row["patient_id"], "split": split, "video": row["path"],
-                               "frame": frame_number, **{c: row[c] for c in carried}})
+                               "frame": frame_number, **({} if fold is None else {"fold": fold}),
+                               **{c: row[c] for c in carried}})
 
-    _write_csv(out_dir / VIDEOS_CSV, [*columns, "split"], video_rows)
-    _write_csv(out_dir / PRETRAIN_MANIFEST, [*columns, "split"], [r for r in video_rows if r["split"] == "train"])
-    frame_columns = [*FRAME_COLUMNS, *carried]
+    video_columns = [*[c for c in columns if c not in derived], *derived]
+    _write_csv(out_dir / VIDEOS_CSV, video_columns, video_rows)
+    _write_csv(out_dir / PRETRAIN_MANIFEST, video_columns, [r for r in video_rows if r["split"] == "train"])
+    for k in range(folds or 0):
+        # Round k trains on every fold but k (test) and (k + 1) % K (val): pretraining sees those patients only.
+        round_split = fold_splits([r["fold"] for r in video_rows], k, folds)
+        _write_csv(out_dir / pretrain_manifest_name(k), video_columns,
+                   [r for r, s in zip(video_rows, round_split, strict=True) if s == "train"])
+    frame_columns = [*FRAME_COLUMNS, *derived[1:], *carried]
     _write_csv(out_dir / LABELS_CSV, frame_columns, frame_rows)
     for name, classes in subsets.items():
         _write_csv(out_dir / f"labels_{name}.csv", frame_columns, [r for r in frame_rows if r["label"] in classes])

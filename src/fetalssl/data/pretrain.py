@@ -22,11 +22,13 @@ import albumentations as A
 import lightning as L
 import numpy as np
 import torch
+from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
-from fetalssl.data.cache import CachedVideo, CacheSummary, build_cache, load_cache
+from fetalssl.data.cache import CachedVideo, CacheSummary, build_cache, intensity_stats, load_cache
 from fetalssl.data.index import VideoRecord, index_videos
 from fetalssl.data.pairs import PairSpec, compose_view
+from fetalssl.data.scan import ScanOptions
 from fetalssl.data.transforms import to_normalised_tensor, with_channels
 from fetalssl.io import save_json
 
@@ -36,25 +38,13 @@ TRAINING_DATA_FILE = "pretraining_data.json"  # what a run really trained on: pa
 CACHE_RGB = False  # frames are cached grayscale; 3-channel inputs replicate gray (see with_channels)
 
 
-def prepare_frame_cache(
-    root: str | Path | None,
-    manifest: str | Path | None,
-    cache_dir: str | Path,
-    short_side: int,
-    stride: int,
-    patient_pattern: str,
-    min_decoded_fraction: float,
-) -> CacheSummary:
-    """Index the videos and decode every one not already cached (what `fetalssl-prepare` runs)."""
-    records = index_videos(root, manifest, patient_pattern)
-    return build_cache(records, cache_dir, short_side=short_side, stride=stride, rgb=CACHE_RGB,
-                       min_decoded_fraction=min_decoded_fraction)
-
-
 def prepare(cfg_data: Mapping[str, Any]) -> CacheSummary:
-    """prepare_frame_cache from the `data` config group (conf/data/videos.yaml)."""
-    keys = ("root", "manifest", "cache_dir", "short_side", "stride", "patient_pattern", "min_decoded_fraction")
-    return prepare_frame_cache(**{key: cfg_data[key] for key in keys})
+    """Index the videos of the `data` config group (conf/data/videos.yaml) and decode every one not already in
+    the frame cache (what `fetalssl-prepare` runs)."""
+    records = index_videos(cfg_data["root"], cfg_data["manifest"], cfg_data["patient_pattern"])
+    return build_cache(records, cfg_data["cache_dir"], short_side=cfg_data["short_side"], stride=cfg_data["stride"],
+                       rgb=CACHE_RGB, min_decoded_fraction=cfg_data["min_decoded_fraction"],
+                       scan=instantiate(cfg_data["scan"]))
 
 
 def patient_subset(videos: Sequence[CachedVideo], fraction: float, seed: int) -> list[CachedVideo]:
@@ -314,8 +304,9 @@ class VideoFramePairDataModule(L.LightningDataModule):
         min_decoded_fraction: float,
         image_size: int,
         channels: int,
-        mean: float,
-        std: float,
+        mean: float | None,
+        std: float | None,
+        scan: ScanOptions,
         batch_size: int,
         num_workers: int,
         samples_per_video: int,
@@ -344,8 +335,12 @@ class VideoFramePairDataModule(L.LightningDataModule):
         self.min_decoded_fraction = min_decoded_fraction
         self.image_size = image_size
         self.channels = channels
+        if (mean is None) != (std is None):
+            raise ValueError(f"data.mean={mean}, data.std={std}: give both, or neither (normalization=measured)")
         self.mean = mean
         self.std = std
+        self.normalization_source = "config" if mean is not None else None
+        self.scan = scan
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.samples_per_video = samples_per_video
@@ -381,14 +376,19 @@ class VideoFramePairDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         build_cache(self._records(), self.cache_dir, self.short_side, self.stride, CACHE_RGB,
-                    min_decoded_fraction=self.min_decoded_fraction)
+                    min_decoded_fraction=self.min_decoded_fraction, scan=self.scan)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        videos = load_cache(self._records(), self.cache_dir, self.short_side, self.stride, CACHE_RGB)
+        videos = load_cache(self._records(), self.cache_dir, self.short_side, self.stride, CACHE_RGB, self.scan)
         train, val = split_by_patient(videos, self.val_fraction, self.seed)
         train = patient_subset(train, self.patient_fraction, self.seed)
+        if self.mean is None:
+            # Over the training videos' whole cached frames (before frames_per_video), never the val patients'.
+            self.mean, self.std = intensity_stats(train)
+            self.normalization_source = f"measured over the live image of {len(train)} training videos"
+            log.info("normalisation: mean %.4f, std %.4f (%s)", self.mean, self.std, self.normalization_source)
         train = [frame_subset(v, self.frames_per_video, self.frame_selection, np.random.default_rng([self.seed, 3, i]))
                  for i, v in enumerate(train)]
         log.info(
@@ -411,6 +411,8 @@ class VideoFramePairDataModule(L.LightningDataModule):
             "pairs_per_epoch": len(self.train_set),
             "settings": {"patient_fraction": self.patient_fraction, "frames_per_video": self.frames_per_video,
                          "frame_selection": self.frame_selection, "pairs_per_epoch": self.pairs_per_epoch},
+            "normalization": {"mean": self.mean, "std": self.std, "source": self.normalization_source},
+            "scan": self.scan.record(),
         }
         log.info("pretraining on %d patients, %d videos, %d distinct frames, %d pairs per epoch",
                  len(record["patients"]), len(train), sum(v.n_frames for v in train), len(self.train_set))

@@ -1,6 +1,6 @@
 """Labelled-image manifests and how they are split: by patient, stratified by label, nested label fractions.
 
-A manifest is a list of `LabelledImage` rows read from a CSV (`image_path,label,patient_id[,split]`, paths
+A manifest is a list of `LabelledImage` rows read from a CSV (`image_path,label,patient_id[,split][,fold]`, paths
 relative to the CSV's folder) or scanned from class folders (`<root>/<label>/<file>`). Every problem found
 while reading is collected and raised at once as a `ManifestError` that names the file and row, before any
 training starts: nothing is silently dropped.
@@ -41,6 +41,7 @@ class LabelledImage:
     patient_id: str
     split: str | None  # given split, None when the split is to be made here
     source: str  # "<file>, row <n>" or the file itself: where an error should point
+    fold: int | None = None  # given cross-validation fold (a `fold` column), None when folds are made here
 
 
 def _raise_if_problems(problems: list[str], what: str) -> None:
@@ -68,11 +69,12 @@ def read_csv_manifest(csv_path: str | Path, classes: Sequence[str] | None) -> li
             raise ManifestError(f"{csv_path}: missing column(s) {missing}; found {columns}, "
                                 f"need {list(REQUIRED_COLUMNS)} (+ optional 'split')")
         has_split = "split" in columns
+        has_fold = "fold" in columns
         rows, problems = [], []
         first_seen: dict[str, str] = {}
         for row in reader:
             where = f"{csv_path}, row {reader.line_num}"  # the file's line number, blank lines included
-            values = {c: (row.get(c) or "").strip() for c in (*REQUIRED_COLUMNS, "split")}
+            values = {c: (row.get(c) or "").strip() for c in (*REQUIRED_COLUMNS, "split", "fold")}
             empty = [c for c in REQUIRED_COLUMNS if not values[c]]
             if empty:
                 problems.append(f"{where}: empty {empty}")
@@ -80,6 +82,9 @@ def read_csv_manifest(csv_path: str | Path, classes: Sequence[str] | None) -> li
             split = values["split"] if has_split else None
             if has_split and split not in SPLITS:
                 problems.append(f"{where}: split {split!r} is not one of {list(SPLITS)}")
+            fold = int(values["fold"]) if has_fold and values["fold"].isdigit() else None
+            if has_fold and fold is None:
+                problems.append(f"{where}: fold {values['fold']!r} is not a non-negative integer")
             if classes is not None and values["label"] not in classes:
                 problems.append(f"{where}: label {values['label']!r} is not in data.classes {list(classes)}")
             duplicate_of = first_seen.setdefault(values["image_path"], where)
@@ -89,7 +94,7 @@ def read_csv_manifest(csv_path: str | Path, classes: Sequence[str] | None) -> li
             if not path.is_file():
                 problems.append(f"{where}: image file {path} does not exist")
             rows.append(LabelledImage(path=path, image_path=values["image_path"], label=values["label"],
-                                      patient_id=values["patient_id"], split=split, source=where))
+                                      patient_id=values["patient_id"], split=split, source=where, fold=fold))
     _raise_if_problems(problems, str(csv_path))
     if not rows:
         raise ManifestError(f"{csv_path}: no rows")
@@ -198,19 +203,19 @@ def check_images(rows: Sequence[LabelledImage], min_side: int) -> None:
     _raise_if_problems(problems, "unusable images")
 
 
-def check_given_splits(rows: Sequence[LabelledImage]) -> None:
-    """A manifest gives splits for all rows or for none, and a patient never spans two splits."""
-    given = [r.split is not None for r in rows]
+def check_given_splits(rows: Sequence[LabelledImage], attribute: str = "split") -> None:
+    """A manifest gives splits (or folds) for all rows or for none, and a patient never spans two of them."""
+    given = [getattr(r, attribute) is not None for r in rows]
     if any(given) and not all(given):
-        raise ManifestError(f"{rows[given.index(False)].source}: some rows have a split and this one has none")
-    first_split: dict[str, LabelledImage] = {}
+        raise ManifestError(f"{rows[given.index(False)].source}: some rows have a {attribute} and this one has none")
+    first_seen: dict[str, LabelledImage] = {}
     problems = []
     for r in rows:
-        seen = first_split.setdefault(r.patient_id, r)
-        if seen.split != r.split:
-            problems.append(f"{r.source}: patient {r.patient_id!r} is in split {r.split!r} "
-                            f"but also in {seen.split!r} ({seen.source})")
-    _raise_if_problems(problems, "given splits mix patients")
+        seen = first_seen.setdefault(r.patient_id, r)
+        if getattr(seen, attribute) != getattr(r, attribute):
+            problems.append(f"{r.source}: patient {r.patient_id!r} is in {attribute} {getattr(r, attribute)!r} "
+                            f"but also in {getattr(seen, attribute)!r} ({seen.source})")
+    _raise_if_problems(problems, f"given {attribute}s mix patients")
 
 
 def check_classes_present(rows: Sequence[LabelledImage], classes: Sequence[str]) -> None:
@@ -224,28 +229,55 @@ def check_classes_present(rows: Sequence[LabelledImage], classes: Sequence[str])
 
 def grouped_split(labels: Sequence[int], groups: Sequence[str], val_fraction: float, test_fraction: float,
                   seed: int) -> np.ndarray:
-    """Assign every item to train/val/test so no group (patient) spans splits and label shares follow the fractions.
-
-    Greedy, like sklearn's StratifiedGroupKFold but for arbitrary fractions. The cost of a split is its squared
-    per-class shortfall relative to its target, so small val/test splits weigh as much as train.
-    1. Coverage: for each class, rarest first, every split still lacking it takes the unassigned patient with
-       that class that lowers the split's cost most (so every split can be evaluated on every class).
-    2. Balance: the remaining patients, largest first, each join the split whose cost they lower most.
-    Ties follow a seeded shuffle of the patients. Returns split names aligned with `labels`.
-    """
+    """Assign every item to train/val/test so no group (patient) spans splits and label shares follow the
+    fractions (see `grouped_parts`). Returns split names aligned with `labels`."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"val_fraction={val_fraction}, test_fraction={test_fraction}: need each in [0, 1) "
                          "and a sum below 1")
+    fractions = np.array([1 - val_fraction - test_fraction, val_fraction, test_fraction])
+    return np.array(SPLITS)[grouped_parts(labels, groups, fractions, seed)]
+
+
+def grouped_folds(labels: Sequence[int], groups: Sequence[str], folds: int, seed: int) -> np.ndarray:
+    """Fold (0..folds-1) of every item: patient-grouped, label-stratified, equal shares (see `grouped_parts`)."""
+    if folds < 2:
+        raise ValueError(f"data.folds={folds}: need at least 2 folds")
+    n_groups = len(set(groups))
+    if n_groups < folds:
+        raise ValueError(f"data.folds={folds}: only {n_groups} patients, fewer than the folds")
+    return grouped_parts(labels, groups, np.full(folds, 1.0 / folds), seed)
+
+
+def fold_splits(fold_of_item: Sequence[int], fold: int, folds: int) -> np.ndarray:
+    """Cross-validation round `fold`: its fold is test, the next one (cyclically) val, the others train."""
+    if not 0 <= fold < folds:
+        raise ValueError(f"data.fold={fold}: must be in [0, data.folds={folds})")
+    fold_of_item = np.asarray(fold_of_item)
+    split = np.full(len(fold_of_item), "train", dtype=object)
+    split[fold_of_item == fold] = "test"
+    split[fold_of_item == (fold + 1) % folds] = "val"
+    return split.astype(str)
+
+
+def grouped_parts(labels: Sequence[int], groups: Sequence[str], fractions: np.ndarray, seed: int) -> np.ndarray:
+    """Part index of every item so no group (patient) spans parts and label shares follow `fractions`.
+
+    Greedy, like sklearn's StratifiedGroupKFold but for arbitrary fractions. The cost of a part is its squared
+    per-class shortfall relative to its target, so small parts weigh as much as large ones.
+    1. Coverage: for each class, rarest first, every part still lacking it takes the unassigned patient with
+       that class that lowers the part's cost most (so every part can be evaluated on every class).
+    2. Balance: the remaining patients, largest first, each join the part whose cost they lower most.
+    Ties follow a seeded shuffle of the patients.
+    """
     labels = np.asarray(labels)
     group_names, group_of_item = np.unique(np.asarray(groups), return_inverse=True)
     n_classes = int(labels.max()) + 1
     per_group = np.zeros((len(group_names), n_classes))
     np.add.at(per_group, (group_of_item, labels), 1)
-    fractions = np.array([1 - val_fraction - test_fraction, val_fraction, test_fraction])
     target = fractions[:, None] * per_group.sum(0)[None, :]
     scale = np.maximum(target, 1.0)
     current = np.zeros_like(target)
-    split_of_group = np.full(len(group_names), -1)
+    part_of_group = np.full(len(group_names), -1)
 
     def cost_change(g: int, s: int) -> float:
         after = ((current[s] + per_group[g] - target[s]) / scale[s]) ** 2
@@ -253,20 +285,20 @@ def grouped_split(labels: Sequence[int], groups: Sequence[str], val_fraction: fl
         return float((after - before).sum())
 
     def assign(g: int, s: int) -> None:
-        split_of_group[g] = s
+        part_of_group[g] = s
         current[s] += per_group[g]
 
     order = np.random.default_rng(seed).permutation(len(group_names))
-    active_splits = [s for s in np.argsort(fractions, kind="stable") if fractions[s] > 0]
+    active_parts = [s for s in np.argsort(fractions, kind="stable") if fractions[s] > 0]
     for c in np.argsort((per_group > 0).sum(0), kind="stable"):
-        for s in active_splits:
-            candidates = [g for g in order if split_of_group[g] < 0 and per_group[g, c] > 0]
+        for s in active_parts:
+            candidates = [g for g in order if part_of_group[g] < 0 and per_group[g, c] > 0]
             if current[s, c] == 0 and candidates:
                 assign(min(candidates, key=lambda g: cost_change(g, s)), s)
     for g in order[np.argsort(-per_group[order].sum(1), kind="stable")]:
-        if split_of_group[g] < 0:
-            assign(g, min(active_splits, key=lambda s: cost_change(g, s)))
-    return np.array(SPLITS)[split_of_group[group_of_item]]
+        if part_of_group[g] < 0:
+            assign(g, min(active_parts, key=lambda s: cost_change(g, s)))
+    return part_of_group[group_of_item]
 
 
 def nested_fraction(labels: Sequence[int], fraction: float, seed: int) -> np.ndarray:

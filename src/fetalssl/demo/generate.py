@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -38,7 +38,9 @@ import numpy as np
 
 from fetalssl.demo.render import (
     MIN_SWEEP_FRAMES,
+    PLAIN_SWEEP,
     PLANES,
+    STREAM_EXTRA_CLIP,
     STREAM_PATIENT,
     STREAM_STILL,
     STREAM_VIDEO,
@@ -55,9 +57,9 @@ MANIFEST_NAME = "manifest.json"
 
 
 def write_video(path: Path, frames: np.ndarray, fps: float) -> None:
-    """Grayscale frames (T,H,W uint8) -> .mp4 (h264/yuv420p) or .avi (mpeg4). Single-threaded encoding so
-    the bytes depend only on the frames."""
-    t, h, w = frames.shape
+    """Grayscale (T,H,W) or RGB (T,H,W,3) uint8 frames -> .mp4 (h264/yuv420p) or .avi (mpeg4). Single-threaded
+    encoding so the bytes depend only on the frames."""
+    t, h, w = frames.shape[:3]
     if h % 2 or w % 2:
         raise ValueError(f"{path}: video dimensions must be even for yuv420p, got {w}x{h}")
     suffix = path.suffix.lower()
@@ -77,7 +79,7 @@ def write_video(path: Path, frames: np.ndarray, fps: float) -> None:
         if bit_rate:
             stream.bit_rate = bit_rate
         for i, frame in enumerate(frames):
-            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="gray")
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24" if frame.ndim == 3 else "gray")
             vf.pts = i
             container.mux(stream.encode(vf))
         container.mux(stream.encode())
@@ -143,15 +145,22 @@ class DemoDataSpec:
     overlap: int
     seed: int
     avi_every: int
+    # What real scan videos have beyond a plain sweep (exercises the scan-layout detectors):
+    frame_counter: bool  # every sweep carries a burned-in frame number that changes each frame
+    doppler_clips: int  # extra colour Doppler clips, videos/<patient>/doppler<k>.mp4
+    split_screen_clips: int  # extra split-screen clips, videos/<patient>/split<k>.mp4
 
     def check(self) -> None:
-        counts = ("video_patients", "videos_per_patient", "still_patients", "stills", "overlap", "avi_every")
+        counts = ("video_patients", "videos_per_patient", "still_patients", "stills", "overlap", "avi_every",
+                  "doppler_clips", "split_screen_clips")
         for name in counts:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         has_videos = self.video_patients * self.videos_per_patient > 0
         if has_videos and self.size % 2:
             raise ValueError(f"video size must be even (h264/yuv420p), got {self.size}")
+        if (self.doppler_clips or self.split_screen_clips) and not has_videos:
+            raise ValueError("Doppler and split-screen clips need video patients")
         if has_videos and self.frames < MIN_SWEEP_FRAMES:
             raise ValueError(f"a sweep needs at least {MIN_SWEEP_FRAMES} frames, got {self.frames}")
         if has_videos and self.fps <= 0:
@@ -183,22 +192,30 @@ class _Anatomies:
 
 
 def _write_videos(spec: DemoDataSpec, staging: Path, anatomy_of: _Anatomies) -> tuple[list[str], int]:
-    """Every patient's sweeps and their per-frame plane CSVs; (relative video paths, frames written)."""
-    videos: list[str] = []
-    n_frames = 0
+    """Every patient's sweeps (then the extra Doppler / split-screen clips) and their per-frame plane CSVs;
+    (relative video paths, frames written)."""
+    counter = replace(PLAIN_SWEEP, frame_counter=spec.frame_counter)
+    clips = []  # (patient, file name, random stream, index, kind)
     for p in range(spec.video_patients):
-        pid = patient_id(p)
-        (staging / "videos" / pid).mkdir(parents=True)
         for v in range(spec.videos_per_patient):
             k = p * spec.videos_per_patient + v
-            clip, labels = render_sweep(anatomy_of(p), n_frames=spec.frames, size=spec.size, fps=spec.fps,
-                                        rng=seeded_rng(spec.seed, STREAM_VIDEO, k))
             suffix = ".avi" if spec.avi_every and k % spec.avi_every == spec.avi_every - 1 else ".mp4"
-            rel = Path("videos") / pid / f"scan{v:02d}{suffix}"
-            write_video(staging / rel, clip, spec.fps)
-            _write_plane_csv((staging / rel).with_suffix(".csv"), labels)
-            videos.append(rel.as_posix())
-            n_frames += len(labels)
+            clips.append((p, f"scan{v:02d}{suffix}", STREAM_VIDEO, k, counter))
+    for name, count, kind in (("doppler", spec.doppler_clips, replace(counter, doppler=True)),
+                              ("split", spec.split_screen_clips, replace(counter, split_screen=True))):
+        clips += [(k % spec.video_patients, f"{name}{k:02d}.mp4", STREAM_EXTRA_CLIP, len(clips) + k, kind)
+                  for k in range(count)]
+    videos: list[str] = []
+    n_frames = 0
+    for p, name, stream, k, kind in clips:
+        sweep = render_sweep(anatomy_of(p), n_frames=spec.frames, size=spec.size, fps=spec.fps,
+                             rng=seeded_rng(spec.seed, stream, k), kind=kind)
+        rel = Path("videos") / patient_id(p) / name
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_video(staging / rel, sweep.frames, spec.fps)
+        _write_plane_csv((staging / rel).with_suffix(".csv"), sweep.labels)
+        videos.append(rel.as_posix())
+        n_frames += len(sweep.labels)
     return videos, n_frames
 
 

@@ -19,7 +19,7 @@ PLANES: tuple[str, ...] = ("4CH", "LVOT", "RVOT", "3VV", "3VT")
 TRANSITION = "transition"
 
 # Random streams: keep each kind of item independent of the others and of generation order.
-STREAM_PATIENT, STREAM_VIDEO, STREAM_STILL = 1, 2, 3
+STREAM_PATIENT, STREAM_VIDEO, STREAM_STILL, STREAM_EXTRA_CLIP = 1, 2, 3, 4
 
 # Canonical anatomy is drawn at this multiple of the output size, then warped down (cheap anti-aliasing).
 _SUPERSAMPLE = 2
@@ -466,10 +466,33 @@ def frame_label(step: tuple[str, str, float]) -> str:
     return src if src == dst else TRANSITION
 
 
+@dataclass(frozen=True)
+class SweepKind:
+    """What a clip carries beyond the plain sweep, as real scan videos do."""
+
+    frame_counter: bool  # moving burned-in text: a frame number that changes every frame
+    doppler: bool  # colour flow inside the sector (the clip is RGB)
+    split_screen: bool  # two panes side by side, each with its own sector
+
+
+PLAIN_SWEEP = SweepKind(frame_counter=False, doppler=False, split_screen=False)
+_OVERLAY_TRUTH_LEVEL = 24  # a pixel counts as overlay where the overlay alone would draw it brighter than this
+_SPLIT_GAP = 8  # pixels between the panes of a split screen
+
+
+@dataclass(frozen=True)
+class Sweep:
+    frames: np.ndarray  # uint8 (T, H, W), or (T, H, W, 3) RGB for a Doppler clip
+    labels: list[str]  # plane (or "transition") per frame
+    sector: np.ndarray  # bool (H, W): the true scan sector (both panes of a split screen)
+    overlay: np.ndarray  # bool (H, W): pixels a burned-in overlay covers in at least one frame
+
+
 def render_sweep(
-    anatomy: PatientAnatomy, *, n_frames: int, size: int, fps: float, rng: np.random.Generator
-) -> tuple[np.ndarray, list[str]]:
-    """A cine sweep through the five planes: (frames uint8 TxHxW, per-frame plane label)."""
+    anatomy: PatientAnatomy, *, n_frames: int, size: int, fps: float, rng: np.random.Generator,
+    kind: SweepKind = PLAIN_SWEEP,
+) -> Sweep:
+    """A cine sweep through the five planes, with the true sector and overlay masks."""
     plan = plan_sweep(n_frames, rng)
     sector = _sector(anatomy, size)
     overlay = sample_overlay(rng, size)
@@ -482,9 +505,12 @@ def render_sweep(
     clutter_seed = int(rng.integers(2**31))
     gain: Gain | None = None
     frames = np.empty((n_frames, size, size), np.uint8)
+    overlay_alone = burn_in(np.zeros((size, size), np.uint8), overlay)  # brightest any overlay draws each pixel
+    phases = []
     for t, (src, dst, w) in enumerate(plan):
         jitter = 0.8 * jitter + rng.normal(0, [0.004, 0.004, 0.6, 0.005])
         phase = (beat_phase0 + t * beats_per_frame) % 1.0
+        phases.append(phase)
         pose = Pose(dx=jitter[0], dy=jitter[1], rotation_deg=jitter[2], scale=1.0 + jitter[3])
         echo = echogenicity_map(
             src, anatomy, _slide(pose, -w), phase, size, np.random.default_rng(clutter_seed)
@@ -501,7 +527,67 @@ def render_sweep(
         if gain is None:  # gain is set once per clip, like a sonographer does, so it does not flicker
             gain = auto_gain(img, sector.mask, anatomy.target_mean, anatomy.target_std)
         frames[t] = burn_in(gain.apply(img, sector.mask), overlay)
-    return frames, [frame_label(s) for s in plan]
+        if kind.frame_counter:
+            counter = _frame_counter(t, size)
+            frames[t] = np.maximum(frames[t], counter)
+            overlay_alone = np.maximum(overlay_alone, counter)
+    sector_truth = sector.mask
+    if kind.split_screen:
+        frames, sector_truth, overlay_alone = _split_screen(frames, sector_truth, overlay_alone)
+    overlay_truth = overlay_alone > _OVERLAY_TRUTH_LEVEL
+    if kind.doppler:
+        frames = _colour_flow(frames, sector_truth & ~overlay_truth, np.array(phases))
+    return Sweep(frames, [frame_label(s) for s in plan], sector_truth, overlay_truth)
+
+
+def _frame_counter(t: int, size: int) -> np.ndarray:
+    s = size / 128
+    out = np.zeros((size, size), np.uint8)
+    cv2.putText(out, f"{t:04d}", (round(100 * s), round(18 * s)), cv2.FONT_HERSHEY_SIMPLEX, 0.25 * s, 220, 1,
+                cv2.LINE_AA)
+    return out
+
+
+def _split_screen(frames: np.ndarray, sector: np.ndarray, overlay_alone: np.ndarray):
+    """Two half-width panes side by side (the clip and its time-reversed copy), vertically centred."""
+    t, size, _ = frames.shape
+    pane = (size - _SPLIT_GAP) // 2
+    top = (size - pane) // 2
+
+    def place(left: np.ndarray, right: np.ndarray, dtype) -> np.ndarray:
+        canvas = np.zeros((size, size), dtype)
+        canvas[top:top + pane, :pane] = left
+        canvas[top:top + pane, size - pane:] = right
+        return canvas
+
+    def shrink(image: np.ndarray, interpolation: int) -> np.ndarray:
+        return cv2.resize(image, (pane, pane), interpolation=interpolation)
+
+    out = np.stack([place(shrink(a, cv2.INTER_AREA), shrink(b, cv2.INTER_AREA), np.uint8)
+                    for a, b in zip(frames, frames[::-1], strict=True)])
+    pane_sector = shrink(sector.astype(np.uint8), cv2.INTER_NEAREST).astype(bool)
+    pane_overlay = shrink(overlay_alone, cv2.INTER_AREA)
+    return out, place(pane_sector, pane_sector, bool), place(pane_overlay, pane_overlay, np.uint8)
+
+
+def _colour_flow(frames: np.ndarray, region: np.ndarray, phases: np.ndarray) -> np.ndarray:
+    """Colour Doppler: a colour box in the middle of the sector, red/blue flow pulsing with the heartbeat."""
+    t, h, w = frames.shape
+    rows, cols = np.flatnonzero(region.any(1)), np.flatnonzero(region.any(0))
+    r0, r1 = rows[0] + (rows[-1] - rows[0]) // 3, rows[0] + 2 * (rows[-1] - rows[0]) // 3
+    c0, c1 = cols[0] + (cols[-1] - cols[0]) // 3, cols[0] + 2 * (cols[-1] - cols[0]) // 3
+    box = np.zeros((h, w), bool)
+    box[r0:r1, c0:c1] = True
+    box &= region
+    xx = np.linspace(0, 2 * np.pi, w, dtype=np.float32)[None, :]
+    rgb = np.repeat(frames[..., None], 3, axis=-1).astype(np.float32)
+    for k, phase in enumerate(phases):
+        velocity = np.sin(2 * np.pi * phase + xx) * np.ones((h, 1), np.float32)  # (H, W) in [-1, 1]
+        red, blue = np.clip(velocity, 0, 1) * box, np.clip(-velocity, 0, 1) * box
+        rgb[k, ..., 0] += 200 * red
+        rgb[k, ..., 2] += 200 * blue
+        rgb[k, ..., 1] -= 60 * (red + blue)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
 def _slide(pose: Pose, amount: float) -> Pose:

@@ -39,7 +39,7 @@ def hog_features(images: DownstreamDataModule, split: str, init_cfg: DictConfig)
 def fit_and_predict(cfg: DictConfig, output_dir: Path) -> tuple[DownstreamDataModule, dict[str, torch.Tensor]]:
     """Fit on the training subset; class probabilities (N, K) for val and test, in dataset order."""
     images = instantiate(cfg.data, output_dir=output_dir)
-    images.setup("fit")
+    images.setup("fit")  # HOG has no pretraining run: a measured normalisation is its training images'
     train = images.dataset("train")
     model = make_pipeline(StandardScaler(), LogisticRegression(
         C=cfg.init.C, max_iter=cfg.init.max_iter, random_state=cfg.seed,

@@ -26,10 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fetalssl.data.downstream import DownstreamDataModule
+from fetalssl.data.pretrain import TRAINING_DATA_FILE
 from fetalssl.finetune import hog
 from fetalssl.finetune.classifier import PlaneClassifier
 from fetalssl.finetune.features import CachedFeatureDataModule
-from fetalssl.finetune.init import build_backbone, recorded_method
+from fetalssl.finetune.init import build_backbone, recorded_method, resolve_init_weights
 from fetalssl.finetune.metrics import (
     metrics_from_predictions,
     video_labels,
@@ -66,18 +67,41 @@ def init_method(init_cfg: DictConfig) -> str | None:
 
 
 def grid_point(cfg: DictConfig) -> dict[str, Any]:
+    """The run's place in a sweep; `fold` (cross-validation round, None without folds) is averaged over like the
+    seed, `scan` names the scan options (conf/scan) so sweeps over them tell their runs apart."""
     return {"init": cfg.init.name, "method": init_method(cfg.init), "fraction": float(cfg.data.fraction),
-            "finetune_mode": cfg.finetune_mode.name, "seed": int(cfg.seed), "backbone": cfg.backbone.name}
+            "finetune_mode": cfg.finetune_mode.name, "seed": int(cfg.seed), "backbone": cfg.backbone.name,
+            "fold": None if cfg.data.folds is None else int(cfg.data.fold),
+            "scan": instantiate(cfg.data.scan).label}
 
 
 def _predict(trainer: L.Trainer, model: PlaneClassifier, loader, ckpt_path: str) -> torch.Tensor:
     return torch.cat(trainer.predict(model, dataloaders=loader, ckpt_path=ckpt_path)).float().cpu()
 
 
+NORMALIZATION_FILE = "normalization.json"  # the mean/std a run used (read by fetalssl-predict and -export)
+
+
+def labelled_images(cfg: DictConfig, output_dir: Path) -> DownstreamDataModule:
+    """The run's labelled data, set up. With normalization=measured (data.mean null) and an SSL init whose run
+    recorded its measured normalisation, that one is used, so the backbone sees the statistics it was pretrained
+    on; otherwise the datamodule measures its training images. What was used goes to normalization.json."""
+    overrides, source = {}, None
+    if cfg.data.mean is None and cfg.init.name == "ssl":
+        record = resolve_init_weights(cfg.init).parent / TRAINING_DATA_FILE
+        pretrained = json.loads(record.read_text()).get("normalization") if record.is_file() else None
+        if pretrained and pretrained.get("mean") is not None:
+            overrides, source = {"mean": pretrained["mean"], "std": pretrained["std"]}, f"pretraining run {record}"
+    images = instantiate(cfg.data, output_dir=output_dir, **overrides)
+    images.setup("fit")
+    save_json({"mean": images.mean, "std": images.std, "source": source or images.normalization_source},
+              output_dir / NORMALIZATION_FILE)
+    return images
+
+
 def _train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
-    images = instantiate(cfg.data, output_dir=output_dir)
-    images.setup("fit")
+    images = labelled_images(cfg, output_dir)
     backbone, init_weights = build_backbone(cfg.backbone, cfg.init)
     mode = cfg.finetune_mode
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor=cfg.monitor,
@@ -131,6 +155,8 @@ def _write_outputs(images: DownstreamDataModule, probs: dict[str, torch.Tensor],
         result["test_video"] = video_metrics_from_predictions(output_dir / PREDICTION_FILES["test"], video_of,
                                                               images.classes)
     result["classes"] = list(images.classes)
+    result["normalization"] = {"mean": images.mean, "std": images.std}
+    result["scan"] = images.scan.record()
     result["train_size"] = len(images.rows("train"))
     result["train_class_counts"] = dict(zip(images.classes, images.class_counts().tolist(), strict=True))
     return result

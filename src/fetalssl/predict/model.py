@@ -20,13 +20,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from fetalssl.data.scan import ScanDetector, ScanOptions, analyse_clip, analyse_still, apply_to_frames
 from fetalssl.data.transforms import to_normalised_tensor
 from fetalssl.finetune.classifier import linear_head
 from fetalssl.finetune.init import backbone_from_record
+from fetalssl.finetune.run import NORMALIZATION_FILE
 
 log = logging.getLogger(__name__)
 
-META_FORMAT = 1
+META_FORMAT = 2  # 2: carries the scan options
 RESIZE_SHORT_SIDE_CENTRE_CROP = "short_side_resize_then_centre_crop"
 RUN_CONFIG = Path(".hydra") / "config.yaml"
 RUN_CHECKPOINT = Path("checkpoints") / "best.ckpt"
@@ -41,6 +43,7 @@ class ModelMeta:
     channels: int
     mean: float
     std: float
+    scan: dict  # ScanOptions.record() of the fine-tuning data: the same layout handling before preprocessing
     resize: str = RESIZE_SHORT_SIDE_CENTRE_CROP
     input_layout: str = "NCHW float32"
     output: str = "softmax probabilities (N, len(classes))"
@@ -63,6 +66,18 @@ class ModelMeta:
     def eval_transform(self) -> A.Compose:
         return A.Compose([A.SmallestMaxSize(max_size=self.image_size),
                           A.CenterCrop(height=self.image_size, width=self.image_size)])
+
+    def scan_options(self) -> ScanOptions:
+        return ScanOptions(**{**self.scan, "detector": ScanDetector(**self.scan["detector"])})
+
+    def apply_scan(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 (T, H, W) frames of one input with the scan options applied to its layout (found over the whole
+        clip; a single frame from its content), as the fine-tuning images were."""
+        scan = self.scan_options()
+        if not scan.changes_pixels:
+            return frames
+        analyse = analyse_clip if len(frames) > 1 else lambda f, rgb, d: analyse_still(f[0], rgb, d)
+        return apply_to_frames(frames, analyse(frames, None, scan.detector), scan)
 
     def preprocess(self, frames: np.ndarray) -> np.ndarray:
         """uint8 (T, H, W) grayscale frames -> float32 (T, channels, image_size, image_size)."""
@@ -88,11 +103,22 @@ def check_eval_transform(data_cfg: DictConfig, source: Path) -> None:
                          f"image_size={data_cfg.image_size}; the plane finder only reproduces that one")
 
 
-def meta_from_run_config(cfg: DictConfig, classes: list[str], source: Path) -> ModelMeta:
-    """``classes``: what the classifier was trained on (its checkpoint's), since data.classes may be inferred."""
-    check_eval_transform(cfg.data, source)
-    return ModelMeta(classes=list(classes), image_size=int(cfg.data.image_size),
-                     channels=int(cfg.data.channels), mean=float(cfg.data.mean), std=float(cfg.data.std))
+def meta_from_run_config(cfg: DictConfig, classes: list[str], run_dir: Path) -> ModelMeta:
+    """``classes``: what the classifier was trained on (its checkpoint's), since data.classes may be inferred.
+    The normalisation is the one the run wrote to normalization.json (measured or from the config)."""
+    check_eval_transform(cfg.data, run_dir)
+    normalization = run_dir / NORMALIZATION_FILE
+    if normalization.is_file():
+        values = json.loads(normalization.read_text())
+    elif cfg.data.mean is not None:
+        values = {"mean": cfg.data.mean, "std": cfg.data.std}
+    else:
+        raise FileNotFoundError(f"{run_dir}: measured normalisation but no {NORMALIZATION_FILE}")
+    scan = OmegaConf.to_container(cfg.data.scan, resolve=True)
+    scan.pop("_target_")
+    scan["detector"].pop("_target_")
+    return ModelMeta(classes=list(classes), image_size=int(cfg.data.image_size), channels=int(cfg.data.channels),
+                     mean=float(values["mean"]), std=float(values["std"]), scan=scan)
 
 
 class ProbabilityModel(nn.Module):

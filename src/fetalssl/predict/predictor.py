@@ -44,9 +44,11 @@ class Predictor(ABC):
         return self._forward(np.ascontiguousarray(batch, dtype=np.float32))
 
     def predict_frames(self, frames: np.ndarray, batch_size: int) -> np.ndarray:
-        """uint8 grayscale (T, H, W) frames -> (T, n_classes) probabilities, preprocessed batch by batch."""
+        """uint8 grayscale (T, H, W) frames of one input -> (T, n_classes) probabilities: the scan options applied
+        over the whole clip, then preprocessed batch by batch."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        frames = self.meta.apply_scan(frames)
         out = [self.predict_batch(self.meta.preprocess(frames[i:i + batch_size]))
                for i in range(0, len(frames), batch_size)]
         return np.concatenate(out) if out else np.empty((0, len(self.classes)), np.float32)

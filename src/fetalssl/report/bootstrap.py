@@ -13,6 +13,7 @@ means in the results table.
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from fetalssl.evaluation import mean_per_video
+
+logger = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "predictions.csv"
 PROB_PREFIX = "prob_"
@@ -94,54 +97,85 @@ SCORES: dict[str, Callable[[np.ndarray, np.ndarray, int], float]] = {
 
 @dataclass(frozen=True)
 class Difference:
-    """Score of B minus score of A (fractions of 1), with the bootstrap interval."""
+    """Score of B minus score of A (fractions of 1), with the bootstrap interval. Under cross-validation the
+    observed difference is the mean over folds of each fold's difference (`fold_differences`)."""
 
     observed: float
     low: float
     high: float
     n_patients: int
     n_resamples: int
+    fold_differences: tuple[float, ...] = ()
 
     @property
     def excludes_zero(self) -> bool:
         return self.low > 0 or self.high < 0
 
+    @property
+    def fold_spread(self) -> float:
+        """Sample std over folds of the per-fold differences; NaN without several folds."""
+        return float(np.std(self.fold_differences, ddof=1)) if len(self.fold_differences) > 1 else float("nan")
+
+    @property
+    def within_fold_spread(self) -> bool:
+        """The difference is smaller than its spread over folds: the folds do not agree on it."""
+        return len(self.fold_differences) > 1 and abs(self.observed) < self.fold_spread
+
+
+class _PairedTestSet:
+    """Two inits' runs on one test set: their score difference on any resample of its patients."""
+
+    def __init__(self, runs_a: Sequence[TestPredictions], runs_b: Sequence[TestPredictions], score: str):
+        if not runs_a or not runs_b:
+            raise ValueError("both sides need at least one run")
+        reference = runs_a[0]
+        for run in [*runs_a, *runs_b][1:]:
+            if run.keys != reference.keys or not np.array_equal(run.targets, reference.targets):
+                raise ValueError("runs were not tested on the same images in the same order: cannot pair them")
+        self.score_fn, self.num_classes = SCORES[score], reference.probs.shape[1]
+        self.targets = reference.targets
+        self.preds_a, self.preds_b = [r.preds for r in runs_a], [r.preds for r in runs_b]
+        self.patients = sorted(set(reference.patients.tolist()))
+        self.rows_of = [np.flatnonzero(reference.patients == p) for p in self.patients]
+        self.strata: dict[int, list[int]] = {}
+        for i, rows in enumerate(self.rows_of):
+            self.strata.setdefault(int(self.targets[rows[0]]), []).append(i)
+
+    def difference(self, rows: np.ndarray | slice = slice(None)) -> float:
+        """Mean over B's seeds minus mean over A's seeds, on these rows."""
+        a = np.mean([self.score_fn(self.targets[rows], p[rows], self.num_classes) for p in self.preds_a])
+        b = np.mean([self.score_fn(self.targets[rows], p[rows], self.num_classes) for p in self.preds_b])
+        return float(b - a)
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        """Rows of a resample: the test patients drawn with replacement within their class."""
+        drawn = [i for members in self.strata.values() for i in rng.choice(members, len(members))]
+        return np.concatenate([self.rows_of[i] for i in drawn])
+
+
+def pooled_bootstrap(folds: Sequence[tuple[Sequence[TestPredictions], Sequence[TestPredictions]]], score: str,
+                     n_resamples: int = 2000, seed: int = 0, level: float = 0.95) -> Difference:
+    """B - A pooled over cross-validation folds: each fold's (runs of A, runs of B) on that fold's test set. A
+    resample draws every fold's test patients anew (within their class) and averages the folds' differences, so
+    the interval reflects the test patients of all folds; `fold_differences` shows how far the folds agree."""
+    if not folds:
+        raise ValueError("no folds to compare")
+    test_sets = [_PairedTestSet(runs_a, runs_b, score) for runs_a, runs_b in folds]
+    rng = np.random.default_rng(seed)
+    resampled = [float(np.mean([t.difference(t.draw(rng)) for t in test_sets])) for _ in range(n_resamples)]
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(resampled, [tail, 100 - tail])
+    per_fold = tuple(t.difference() for t in test_sets)
+    return Difference(observed=float(np.mean(per_fold)), low=float(low), high=float(high),
+                      n_patients=sum(len(t.patients) for t in test_sets), n_resamples=n_resamples,
+                      fold_differences=per_fold if len(per_fold) > 1 else ())
+
 
 def paired_bootstrap(runs_a: Sequence[TestPredictions], runs_b: Sequence[TestPredictions], score: str,
                      n_resamples: int = 2000, seed: int = 0, level: float = 0.95) -> Difference:
-    """Difference mean-over-seeds score(B) - score(A), resampling test patients (see the module docstring)."""
-    runs = [*runs_a, *runs_b]
-    if not runs_a or not runs_b:
-        raise ValueError("both sides need at least one run")
-    reference = runs[0]
-    for run in runs[1:]:
-        if run.keys != reference.keys or not np.array_equal(run.targets, reference.targets):
-            raise ValueError("runs were not tested on the same images in the same order: cannot pair them")
-    score_fn, num_classes = SCORES[score], reference.probs.shape[1]
-    targets = reference.targets
-    preds_a, preds_b = [r.preds for r in runs_a], [r.preds for r in runs_b]
-
-    def difference(rows: np.ndarray | slice) -> float:
-        a = np.mean([score_fn(targets[rows], p[rows], num_classes) for p in preds_a])
-        b = np.mean([score_fn(targets[rows], p[rows], num_classes) for p in preds_b])
-        return float(b - a)
-
-    patients = sorted(set(reference.patients.tolist()))
-    rows_of = [np.flatnonzero(reference.patients == p) for p in patients]
-    strata: dict[int, list[int]] = {}
-    for i, rows in enumerate(rows_of):
-        strata.setdefault(int(targets[rows[0]]), []).append(i)
-    rng = np.random.default_rng(seed)
-
-    def draw() -> np.ndarray:
-        drawn = [i for members in strata.values() for i in rng.choice(members, len(members))]
-        return np.concatenate([rows_of[i] for i in drawn])
-
-    resampled = [difference(draw()) for _ in range(n_resamples)]
-    tail = 100 * (1 - level) / 2
-    low, high = np.percentile(resampled, [tail, 100 - tail])
-    return Difference(observed=difference(slice(None)), low=float(low), high=float(high),
-                      n_patients=len(patients), n_resamples=n_resamples)
+    """Difference mean-over-seeds score(B) - score(A) on one test set, resampling test patients (see the module
+    docstring)."""
+    return pooled_bootstrap([(runs_a, runs_b)], score, n_resamples, seed, level)
 
 
 @dataclass(frozen=True)
@@ -175,10 +209,10 @@ def compare(records: Sequence, labeller: Callable, side_a: str, side_b: str, met
     levels = {"test": lambda p: p, "test_video": per_video}
     wanted = [m for m in metrics if m.split(".", 1)[0] in levels and m.split(".", 1)[-1] in SCORES]
     (label_a, mode_a), (label_b, mode_b) = split_side(side_a), split_side(side_b)
-    runs: dict[tuple[str, str, float], list[Path]] = {}
+    runs: dict[tuple[str, str, float], dict[int | None, list[Path]]] = {}  # (label, mode, fraction) -> fold -> runs
     for record in records:
         key = (labeller(record.grid), str(record.grid["finetune_mode"]), float(record.grid["fraction"]))
-        runs.setdefault(key, []).append(record.out_dir / PREDICTIONS_FILE)
+        runs.setdefault(key, {}).setdefault(record.grid.get("fold"), []).append(record.out_dir / PREDICTIONS_FILE)
     if mode_a or mode_b:
         mode_pairs = [(mode_a or mode_b, mode_b or mode_a)]
     else:
@@ -186,23 +220,31 @@ def compare(records: Sequence, labeller: Callable, side_a: str, side_b: str, met
     comparisons = []
     for mode_pair in mode_pairs:
         for fraction in sorted({f for (_, _, f) in runs}):
-            paths_a, paths_b = runs.get((label_a, mode_pair[0], fraction)), runs.get((label_b, mode_pair[1], fraction))
-            if not paths_a or not paths_b:
+            folds_a = runs.get((label_a, mode_pair[0], fraction), {})
+            folds_b = runs.get((label_b, mode_pair[1], fraction), {})
+            shared = sorted(set(folds_a) & set(folds_b), key=lambda f: -1 if f is None else f)
+            if not shared:
                 continue
-            frames_a = [read_test_predictions(p) for p in sorted(paths_a)]
-            frames_b = [read_test_predictions(p) for p in sorted(paths_b)]
-            at_level = {section: ([to_level(r) for r in frames_a], [to_level(r) for r in frames_b])
+            if set(folds_a) != set(folds_b):
+                logger.warning("%s vs %s at fraction %s: folds %s and %s differ; compared on the shared folds %s",
+                               side_a, side_b, fraction, sorted(folds_a, key=str), sorted(folds_b, key=str), shared)
+            frames = [([read_test_predictions(p) for p in sorted(folds_a[f])],
+                       [read_test_predictions(p) for p in sorted(folds_b[f])]) for f in shared]
+            at_level = {section: [([to_level(r) for r in a], [to_level(r) for r in b]) for a, b in frames]
                         for section, to_level in levels.items() if any(m.startswith(section + ".") for m in wanted)}
             for metric in wanted:
                 section, score = metric.split(".", 1)
-                difference = paired_bootstrap(*at_level[section], score, n_resamples)
+                difference = pooled_bootstrap(at_level[section], score, n_resamples)
                 comparisons.append(Comparison(label_a, label_b, *mode_pair, fraction, metric, difference,
-                                              len(paths_a), len(paths_b)))
+                                              sum(len(folds_a[f]) for f in shared),
+                                              sum(len(folds_b[f]) for f in shared)))
     return comparisons
 
 
 def _format_difference(d: Difference) -> str:
     text = f"{100 * d.observed:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
+    if d.fold_differences:
+        text += f" ±{100 * d.fold_spread:.1f}" + ("†" if d.within_fold_spread else "")
     return f"**{text}**" if d.excludes_zero else text
 
 
@@ -216,10 +258,18 @@ def markdown_comparisons(comparisons: Sequence[Comparison]) -> str:
         cell = {(c.metric, c.fraction): c for c in group}
         title = (f"{label_b} minus {label_a} — finetune_mode={mode_a}" if mode_a == mode_b
                  else f"{label_b} (finetune_mode={mode_b}) minus {label_a} (finetune_mode={mode_a})")
-        lines = [f"## {title}", "",
-                 f"Percent points: difference of the seed means on the test set [95% paired bootstrap interval, "
-                 f"test patients resampled within their class: {group[0].difference.n_patients} patients, "
-                 f"{group[0].difference.n_resamples} resamples]; bold where the interval excludes 0.", "",
+        first = group[0].difference
+        if first.fold_differences:
+            legend = (f"Percent points: difference of the seed means, averaged over {len(first.fold_differences)} "
+                      f"cross-validation folds [95% paired bootstrap interval, every fold's test patients resampled "
+                      f"within their class: {first.n_patients} patients in all, {first.n_resamples} resamples] "
+                      "±std of the difference over folds; bold where the interval excludes 0; † where the "
+                      "difference is smaller than its fold spread (the folds disagree).")
+        else:
+            legend = (f"Percent points: difference of the seed means on the test set [95% paired bootstrap interval, "
+                      f"test patients resampled within their class: {first.n_patients} patients, "
+                      f"{first.n_resamples} resamples]; bold where the interval excludes 0.")
+        lines = [f"## {title}", "", legend, "",
                  "| metric | " + " | ".join(f"{f * 100:g}%" for f in fractions) + " |",
                  "|---|" + "---:|" * len(fractions)]
         for metric in dict.fromkeys(c.metric for c in group):
@@ -234,8 +284,10 @@ def write_comparisons_csv(comparisons: Sequence[Comparison], path: Path) -> None
     with Path(path).open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["a", "b", "mode_a", "mode_b", "fraction", "metric", "difference", "low", "high",
-                         "n_patients", "n_runs_a", "n_runs_b"])
+                         "n_patients", "n_runs_a", "n_runs_b", "n_folds", "fold_spread"])
         for c in comparisons:
             d = c.difference
+            spread = "" if not d.fold_differences else repr(d.fold_spread)
             writer.writerow([c.label_a, c.label_b, c.mode_a, c.mode_b, repr(c.fraction), c.metric,
-                             repr(d.observed), repr(d.low), repr(d.high), d.n_patients, c.n_runs_a, c.n_runs_b])
+                             repr(d.observed), repr(d.low), repr(d.high), d.n_patients, c.n_runs_a, c.n_runs_b,
+                             len(d.fold_differences) or 1, spread])

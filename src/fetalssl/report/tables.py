@@ -14,34 +14,50 @@ import numpy as np
 from fetalssl.report.collect import OBSERVED_GRID, RunRecord, SweepResults
 
 # Grid keys with a fixed role in the tables; any other grid key that varies is appended to the row label.
-ROLE_KEYS = ("init", "method", "fraction", "finetune_mode", "seed")
+ROLE_KEYS = ("init", "method", "fraction", "finetune_mode", "seed", "fold")
 # "method" values meaning "no pretraining method" (random / imagenet baselines).
 NO_METHOD = (None, "", "none", "null")
-RESULTS_CSV_COLUMNS = ("init", "fraction", "mode", "metric", "mean", "std", "n")
+RESULTS_CSV_COLUMNS = ("init", "fraction", "mode", "metric", "mean", "std", "n", "n_folds")
 
 
 @dataclass(frozen=True)
 class Cell:
-    """All seeds of one (init label, fraction, finetune mode) for one metric."""
+    """All seeds (and cross-validation folds) of one (init label, fraction, finetune mode) for one metric."""
 
     label: str
     fraction: float
     mode: str
     metric: str
     values: tuple[float, ...]
+    folds: tuple[int | None, ...] = ()  # fold of each value (None: no cross-validation); empty: all None
 
     @property
     def n(self) -> int:
         return len(self.values)
 
+    def fold_means(self) -> list[float]:
+        """Mean over seeds within each fold, in fold order (one entry without cross-validation)."""
+        folds = self.folds or (None,) * self.n
+        by_fold: dict = {}
+        for fold, value in zip(folds, self.values, strict=True):
+            by_fold.setdefault(fold, []).append(value)
+        return [float(np.mean(by_fold[f])) for f in sorted(by_fold, key=lambda f: -1 if f is None else f)]
+
+    @property
+    def n_folds(self) -> int:
+        return len(self.fold_means())
+
     @property
     def mean(self) -> float:
-        return float(np.mean(self.values))
+        """Mean over folds of the per-fold seed means (the plain mean over seeds without folds)."""
+        return float(np.mean(self.fold_means()))
 
     @property
     def std(self) -> float:
-        """Sample standard deviation (ddof=1); NaN for a single seed, where it is undefined."""
-        return float(np.std(self.values, ddof=1)) if self.n > 1 else math.nan
+        """Sample std (ddof=1) over folds of the per-fold means when there are several folds (the fold spread),
+        else over seeds; NaN for a single value, where it is undefined."""
+        spread = self.fold_means() if self.n_folds > 1 else self.values
+        return float(np.std(spread, ddof=1)) if len(spread) > 1 else math.nan
 
 
 def varying_extra_keys(records: Iterable[RunRecord]) -> list[str]:
@@ -73,14 +89,15 @@ def aggregate(records: Sequence[RunRecord], metrics: Iterable[str] | None = None
     """
     label = make_labeller(records)
     wanted = None if metrics is None else set(metrics)
-    grouped: dict[tuple[str, float, str, str], list[float]] = {}
+    grouped: dict[tuple[str, float, str, str], list[tuple[float, int | None]]] = {}
     for record in records:
         key = (label(record.grid), float(record.grid["fraction"]), str(record.grid["finetune_mode"]))
         for metric, value in record.metrics.items():
             if wanted is None or metric in wanted:
-                grouped.setdefault((*key, metric), []).append(value)
-    cells = [Cell(label=lab, fraction=frac, mode=mode, metric=metric, values=tuple(values))
-             for (lab, frac, mode, metric), values in grouped.items()]
+                grouped.setdefault((*key, metric), []).append((value, record.grid.get("fold")))
+    cells = [Cell(label=lab, fraction=frac, mode=mode, metric=metric, values=tuple(v for v, _ in pairs),
+                  folds=tuple(f for _, f in pairs) if any(f is not None for _, f in pairs) else ())
+             for (lab, frac, mode, metric), pairs in grouped.items()]
     return sorted(cells, key=lambda c: (c.mode, c.label, c.fraction, c.metric))
 
 
@@ -90,7 +107,8 @@ def write_results_csv(cells: Iterable[Cell], path: Path) -> None:
         writer.writerow(RESULTS_CSV_COLUMNS)
         for cell in cells:
             std = "" if math.isnan(cell.std) else repr(cell.std)
-            writer.writerow([cell.label, repr(cell.fraction), cell.mode, cell.metric, repr(cell.mean), std, cell.n])
+            writer.writerow([cell.label, repr(cell.fraction), cell.mode, cell.metric, repr(cell.mean), std, cell.n,
+                             cell.n_folds])
 
 
 def write_runs_csv(records: Sequence[RunRecord], root: Path, path: Path) -> None:
@@ -111,7 +129,8 @@ def format_fraction(fraction: float) -> str:
 
 def _format_cell(cell: Cell, bold: bool) -> str:
     text = f"{cell.mean * 100:.1f}" if cell.n == 1 else f"{cell.mean * 100:.1f} ± {cell.std * 100:.1f}"
-    return f"{f'**{text}**' if bold else text} (n={cell.n})"
+    count = f"n={cell.n}" if cell.n_folds == 1 else f"{cell.n_folds} folds, n={cell.n}"
+    return f"{f'**{text}**' if bold else text} ({count})"
 
 
 def markdown_table(cells: Sequence[Cell]) -> str:
@@ -140,9 +159,12 @@ def markdown_results(cells: Sequence[Cell], metrics: Sequence[str]) -> str:
     for metric in metrics:
         metric_cells = [c for c in cells if c.metric == metric]
         for mode in sorted({c.mode for c in metric_cells}):
+            mode_cells = [c for c in metric_cells if c.mode == mode]
+            spread = ("over cross-validation folds: mean and sample std of the per-fold seed means (n runs)"
+                      if any(c.n_folds > 1 for c in mode_cells) else "over seeds (n seeds)")
             parts.append(f"## {metric} — finetune_mode={mode}\n\n"
-                         "Percent points, mean ± sample std over seeds (n seeds); best mean per column in bold.\n\n"
-                         + markdown_table([c for c in metric_cells if c.mode == mode]))
+                         f"Percent points, mean ± sample std {spread}; best mean per column in bold.\n\n"
+                         + markdown_table(mode_cells))
     return "\n\n".join(parts)
 
 
