@@ -53,5 +53,9 @@ def data_groups(scan: str = "keep", normalization: str = "fixed") -> dict:
     from omegaconf import OmegaConf
 
     conf = Path(__file__).resolve().parents[1] / "src" / "fetalssl" / "conf"
-    return {"scan": OmegaConf.load(conf / "scan" / f"{scan}.yaml"),
+    options = OmegaConf.load(conf / "scan" / f"{scan}.yaml")
+    if "defaults" in options:  # a choice on top of scan/keep.yaml (as Hydra composes it)
+        options.pop("defaults")
+        options = OmegaConf.merge(OmegaConf.load(conf / "scan" / "keep.yaml"), options)
+    return {"scan": options,
             "normalization": OmegaConf.load(conf / "normalization" / f"{normalization}.yaml")}

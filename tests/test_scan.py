@@ -210,3 +210,5 @@ def test_prepare_writes_the_summary_contact_sheets_and_measured_normalisation(tm
     assert [s.name for s in sheets] == ["P0000.png", "P0001.png"]
     sheet = cv2.imread(str(sheets[0]))
     assert sheet.shape[0] == 96 + 14 and (sheet[..., 1] == 200).any()  # one video row; the green sector outline
+    red = (sheet[..., 2] > 150) & (sheet[..., 1] < 100) & (sheet[..., 0] < 100)
+    assert red.any()  # overlays tinted on the source frame (the cached frame beside it has them inpainted)

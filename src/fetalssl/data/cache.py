@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 INDEX_NAME = "index.json"
 FRAMES_DIR = "frames"
 SCAN_DIR = "scan"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+PREVIEW_FRAMES = 4  # source frames (before the scan options) kept with the layout, for the prepare report
 
 
 class CacheError(RuntimeError):
@@ -69,6 +70,11 @@ class CachedVideo:
         with np.load(self.scan_file) as f:
             return ScanLayout(f["sector"], f["overlay"], f["doppler_frames"], bool(f["split_screen"]),
                               bool(f["from_still"]))
+
+    def source_preview(self) -> np.ndarray:
+        """A few evenly spaced grey frames (P, H, W) as decoded, before the scan options changed any pixel."""
+        with np.load(self.scan_file) as f:
+            return f["preview"]
 
 
 def intensity_stats(videos: Sequence[CachedVideo]) -> tuple[float, float]:
@@ -221,9 +227,10 @@ def build_cache(
             if scan.crop_to_sector:
                 frames = np.stack([resize_short_side(f, short_side) for f in frames])
             entry_file, scan_file = f"{FRAMES_DIR}/{key}.npy", f"{SCAN_DIR}/{key}.npz"
-            atomic_write(cache_dir / scan_file, lambda f, lay=layout: np.savez_compressed(
+            preview = gray[np.unique(np.linspace(0, len(gray) - 1, PREVIEW_FRAMES).round().astype(int))]
+            atomic_write(cache_dir / scan_file, lambda f, lay=layout, p=preview: np.savez_compressed(
                 f, sector=lay.sector, overlay=lay.overlay, doppler_frames=lay.doppler_frames,
-                split_screen=lay.split_screen, from_still=lay.from_still))
+                split_screen=lay.split_screen, from_still=lay.from_still, preview=p))
             atomic_write(cache_dir / entry_file, lambda f, a=frames: np.save(f, a))
             entries[key] = {
                 "source": str(record.path.resolve()),

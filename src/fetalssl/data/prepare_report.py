@@ -2,8 +2,9 @@
 
 - scan_summary.csv: one row per video (kept or skipped, and why): frames decoded and kept, sector and overlay
   share, Doppler frames, split screen, how the sector was found;
-- contact_sheets/<folder>[_<page>].png: per source folder, a row per cached video of a few frames as cached,
-  with the detected sector outlined in green and the overlays in red;
+- contact_sheets/<folder>[_<page>].png: per source folder, a row per cached video: a few frames as decoded, with
+  the detected sector outlined in green and the overlays in red, each followed by the same frame as cached (what
+  the model sees, after the scan options);
 - the data-derived normalisation over every cached video (what `normalization=measured` computes per run
   over its training videos), in prepare_summary.json.
 """
@@ -33,27 +34,30 @@ _TILE = 96  # contact-sheet tile height, px
 _GREEN, _RED = (0, 200, 0), (0, 0, 255)  # BGR
 
 
-def _annotated(frame: np.ndarray, video: CachedVideo, scan: ScanOptions) -> np.ndarray:
-    layout = video.layout()
-    sector, overlay = layout.sector, layout.overlay
-    if scan.crop_to_sector:
-        r0, r1, c0, c1 = layout.bbox
-        sector, overlay = sector[r0:r1, c0:c1], overlay[r0:r1, c0:c1]
-    size = frame.shape[1], frame.shape[0]
-    sector = cv2.resize(sector.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
-    overlay = cv2.resize(overlay.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+def _tile(image: np.ndarray) -> np.ndarray:
+    scale = _TILE / image.shape[0]
+    return cv2.resize(image, (max(1, round(image.shape[1] * scale)), _TILE), interpolation=cv2.INTER_AREA)
+
+
+def _outlined(frame: np.ndarray, sector: np.ndarray, overlay: np.ndarray) -> np.ndarray:
+    """A decoded grey frame with the sector outlined in green and the overlays tinted red (BGR)."""
     tile = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_GRAY2BGR)
     tile[overlay] = (0.4 * tile[overlay] + 0.6 * np.array(_RED)).astype(np.uint8)
-    contours, _ = cv2.findContours(sector, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contours, _ = cv2.findContours(sector.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(tile, contours, -1, _GREEN, 1)
-    scale = _TILE / tile.shape[0]
-    return cv2.resize(tile, (max(1, round(tile.shape[1] * scale)), _TILE), interpolation=cv2.INTER_AREA)
+    return _tile(tile)
 
 
-def _sheet_row(video: CachedVideo, scan: ScanOptions, frames_per_video: int, width: int) -> np.ndarray:
-    frames = video.frames()
-    picks = np.unique(np.linspace(0, video.n_frames - 1, frames_per_video).round().astype(int))
-    tiles = [_annotated(np.asarray(frames[video.cache_index(i)]), video, scan) for i in picks]
+def _sheet_row(video: CachedVideo, frames_per_video: int, width: int) -> np.ndarray:
+    layout, preview, cached = video.layout(), video.source_preview(), video.frames()
+    picks = np.unique(np.linspace(0, len(preview) - 1, min(frames_per_video, len(preview))).round().astype(int))
+    seen = np.unique(np.linspace(0, video.n_frames - 1, len(preview)).round().astype(int))
+    tiles = []
+    for i in picks:
+        tiles.append(_outlined(preview[i], layout.sector, layout.overlay))
+        as_cached = np.asarray(cached[video.cache_index(int(seen[min(i, len(seen) - 1)]))])
+        tiles.append(_tile(cv2.cvtColor(np.ascontiguousarray(as_cached), cv2.COLOR_GRAY2BGR)))
+        tiles.append(np.zeros((_TILE, 4, 3), np.uint8))  # a gap between pairs
     row = np.zeros((_TILE + 14, width, 3), np.uint8)
     strip = np.concatenate(tiles, axis=1)[:, :width]
     row[14:, : strip.shape[1]] = strip
@@ -66,7 +70,7 @@ def _folder_name(folder: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", folder).strip("_") or "root"
 
 
-def write_contact_sheets(videos: Sequence[CachedVideo], scan: ScanOptions, out_dir: Path, frames_per_video: int,
+def write_contact_sheets(videos: Sequence[CachedVideo], out_dir: Path, frames_per_video: int,
                          videos_per_sheet: int) -> list[Path]:
     """One PNG per source folder (and page of `videos_per_sheet`); returns the files written."""
     sheets_dir = out_dir / SHEETS_DIR
@@ -75,11 +79,11 @@ def write_contact_sheets(videos: Sequence[CachedVideo], scan: ScanOptions, out_d
     by_folder: dict[str, list[CachedVideo]] = {}
     for video in videos:
         by_folder.setdefault(video.source.parent.relative_to(common).as_posix(), []).append(video)
-    width = frames_per_video * 2 * _TILE  # room for wide frames; narrower strips are padded with black
+    width = frames_per_video * 2 * (2 * _TILE + 2)  # pairs of wide frames; narrower strips are padded with black
     written = []
     for folder, members in sorted(by_folder.items()):
         for page, start in enumerate(range(0, len(members), videos_per_sheet)):
-            sheet = np.concatenate([_sheet_row(v, scan, frames_per_video, width)
+            sheet = np.concatenate([_sheet_row(v, frames_per_video, width)
                                     for v in members[start:start + videos_per_sheet]])
             suffix = f"_{page}" if len(members) > videos_per_sheet else ""
             path = sheets_dir / f"{_folder_name(folder)}{suffix}.png"
@@ -108,7 +112,7 @@ def write_prepare_report(summary: CacheSummary, patients: dict[Path, str], scan:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(out_dir / SUMMARY_CSV, lambda f: f.write(text.getvalue().encode()))
-    sheets = write_contact_sheets(summary.videos, scan, out_dir, frames_per_video, videos_per_sheet)
+    sheets = write_contact_sheets(summary.videos, out_dir, frames_per_video, videos_per_sheet)
     mean, std = intensity_stats(summary.videos)
     record = {
         "videos": len(patients), "kept": len(summary.videos), "skipped": len(summary.skipped),
