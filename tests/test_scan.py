@@ -212,3 +212,32 @@ def test_prepare_writes_the_summary_contact_sheets_and_measured_normalisation(tm
     assert sheet.shape[0] == 96 + 14 and (sheet[..., 1] == 200).any()  # one video row; the green sector outline
     red = (sheet[..., 2] > 150) & (sheet[..., 1] < 100) & (sheet[..., 0] < 100)
     assert red.any()  # overlays tinted on the source frame (the cached frame beside it has them inpainted)
+
+
+def test_predict_applies_the_runs_scan_options_to_a_still_a_one_frame_dicom_and_a_one_frame_video(tmp_path):
+    """The plane finder's inputs get the fine-tuning images' scan handling: a sector from the still fallback."""
+    from pydicom import dcmread, examples
+    from pydicom.pixels import pixel_array
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from fetalssl.predict.model import ModelMeta
+
+    sector = scan_options("sector")
+    meta = ModelMeta(classes=["a"], image_size=32, channels=1, mean=0.5, std=0.25,
+                     scan={**sector.record(), "detector": sector.detector.__dict__})
+    truth = sweep(7, size=64)
+    write_video(tmp_path / "one.mp4", truth.frames[:1], fps=20)
+    cv2.imwrite(str(tmp_path / "still.png"), truth.frames[5])
+    ds = dcmread(examples.ybr_color.filename)  # a real echo cine: its first frame as a 1-frame DICOM
+    rgb = pixel_array(ds)[0]
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.PhotometricInterpretation, ds.NumberOfFrames, ds.PlanarConfiguration = "RGB", 1, 0
+    ds.PixelData = np.ascontiguousarray(rgb).tobytes()
+    ds.save_as(tmp_path / "one.dcm", enforce_file_format=True)
+    for name in ("one.mp4", "still.png", "one.dcm"):
+        frames = read_frames(tmp_path / name)[0]
+        out = meta.apply_scan(frames)
+        layout = analyse_still(frames[0], None, sector.detector)
+        r0, r1, c0, c1 = layout.bbox
+        assert out.shape == (1, r1 - r0, c1 - c0) and out.shape[1:] != frames.shape[1:], name
+        assert (out[0][~layout.sector[r0:r1, c0:c1]] == 0).all(), name  # zeroed outside, as in fine-tuning
