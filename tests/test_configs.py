@@ -11,7 +11,8 @@ import fetalssl
 
 CONF = Path(fetalssl.__file__).parent / "conf"
 RESOLVED_NODES = {"train": ("data", "pairs", "augment", "backbone", "method", "trainer"),
-                  "finetune": ("data", "backbone", "init", "finetune_mode", "trainer", "classifier")}
+                  "finetune": ("data", "backbone", "init", "finetune_mode", "trainer", "classifier"),
+                  "prepare": ("data",)}
 
 
 def choices(group: str) -> list[str]:
@@ -95,6 +96,52 @@ def test_pocus_reproduction_script_commands_compose(tmp_path):
         elif name == "fetalssl-report":
             compared = {side.split("@")[0] for i, a in enumerate(args) if a == "--compare" for side in args[i + 1:i + 3]}
             assert compared == {"hog", "random", "ssl:barlowtwins", "ssl:simclr", "ssl:byol"}
+
+
+def test_pocus_cross_validation_script_composes_one_pretraining_per_fold_and_scan(tmp_path):
+    """scripts/pocus/cross_validate.sh with stub console scripts: every call composes, each fold pretrains on its
+    own manifest and fine-tunes that fold, and the report compares labels the sweep's grid really produces."""
+    import subprocess
+
+    from conftest import scan_options
+
+    log = tmp_path / "calls.txt"
+    for name in ("fetalssl-extract-frames", "fetalssl-prepare", "fetalssl-train", "fetalssl-finetune",
+                 "fetalssl-report"):
+        stub = tmp_path / "bin" / name
+        stub.parent.mkdir(exist_ok=True)
+        stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\x1f" {name} "$@" >> {log}\necho >> {log}\n')
+        stub.chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "pocus" / "cross_validate.sh"
+    subprocess.run(["bash", str(script), str(tmp_path / "out")], check=True,
+                   env={"BIN": str(tmp_path / "bin"), "PATH": "/usr/bin:/bin"})
+    calls = [line.rstrip("\x1f").split("\x1f") for line in log.read_text().splitlines() if line]
+    names = [c[0] for c in calls]
+    assert names.count("fetalssl-train") == 10 and names.count("fetalssl-finetune") == 20
+    pretrained = set()
+    for name, *args in calls:
+        if name == "fetalssl-extract-frames":
+            assert "folds=5" in args
+        elif name == "fetalssl-prepare":
+            assert composed("prepare", args).scan.crop_to_sector
+        elif name == "fetalssl-train":
+            cfg = composed("train", args)
+            fold = int(cfg.run_id.split("-")[1].removeprefix("fold"))
+            assert cfg.data.manifest.endswith(f"pocus_prepared/pretrain_manifest_fold{fold}.csv")
+            assert cfg.data.mean is None and cfg.scan.crop_to_sector == cfg.run_id.endswith("sector")
+            method = next(a.split("=")[1] for a in args if a.startswith("method="))
+            pretrained.add(f"{cfg.paths.output_root}/pretrain/{method}/{cfg.run_id}/backbone.pt")
+        elif name == "fetalssl-finetune":
+            cfg = composed("finetune", [a.split(",")[0] if "=" in a and not a.split("=", 1)[1].startswith("[")
+                                        else a for a in args[1:]])
+            assert cfg.data.folds == 5 and cfg.data.mean is None and f"fold{cfg.data.fold}" in cfg.run_id
+            if cfg.init.name == "ssl":
+                assert cfg.init.checkpoint in pretrained and f"fold{cfg.data.fold}-" in cfg.init.checkpoint
+        elif name == "fetalssl-report":
+            sides = {side for i, a in enumerate(args) if a == "--compare" for side in args[i + 1:i + 3]}
+            labels = {f"{init} (scan={scan_options(s).label})" for s in ("keep", "sector")
+                      for init in ("hog", "random", "ssl:simclr")}
+            assert sides == labels
 
 
 PRETRAINING_PRESETS = [p for p in choices("experiment") if "package _global_" in (CONF / "experiment" / f"{p}.yaml").read_text()

@@ -79,14 +79,15 @@ def ok_metrics(sweep: Path) -> list[dict]:
 
 
 def test_every_readme_command_is_run_by_a_test():
-    tested = {c for name in ("fetalssl-demo-data", "for m in", "fetalssl-predict model=outputs", "fetalssl-export")
+    tested = {c for name in ("fetalssl-demo-data demo/", "fetalssl-demo-data scans/", "for m in",
+                             "fetalssl-predict model=outputs", "fetalssl-export")
               for c in commands(block_with(name))}
     shown = {c for b in readme_blocks() for c in commands(b)}
     assert shown - tested - set(COVERED_ELSEWHERE) == set()
 
 
 def test_readme_quick_start_plane_finder_and_export_blocks_run_as_written(tmp_path):
-    run_block(block_with("fetalssl-demo-data"), tmp_path)
+    run_block(block_with("fetalssl-demo-data demo/"), tmp_path)
     outputs = tmp_path / "outputs"
     assert (outputs / "pretrain" / "barlowtwins" / "bt" / "backbone.pt").is_file()
     probe = json.loads((outputs / "finetune" / "ssl_barlowtwins" / "probe" / "metrics.json").read_text())
@@ -121,3 +122,16 @@ def test_readme_paper_grid_block_runs_as_written(tmp_path):
         ("barlowtwins", "vicreg", "simclr", "moco", "byol", "autoencoder", "inpainting"))}
     assert {r["grid"]["finetune_mode"] for r in runs} == {"linear", "full"} and len(runs) == 18
     assert (tmp_path / "outputs" / "finetune_sweep" / "paper" / "report" / "results.md").is_file()
+
+
+def test_readme_scan_layout_block_runs_as_written(tmp_path):
+    run_block(block_with("fetalssl-demo-data scans/"), tmp_path, {
+        "scans/ --frame-counter": "scans/ --patients 4 --frames 30 --size 64 --stills 100 --still-patients 10 "
+                                  "--still-size 64 --frame-counter"})
+    summary = json.loads((tmp_path / "outputs" / "prepare_report" / "prepare_summary.json").read_text())
+    assert summary["doppler_clips"] == 1 and summary["split_screen_clips"] == 1 and summary["skipped"] == 2
+    record = json.loads((tmp_path / "outputs" / "pretrain" / "simclr" / "sector" / "pretraining_data.json").read_text())
+    runs = ok_metrics(tmp_path / "outputs" / "finetune_sweep" / "cv")
+    assert sorted(r["grid"]["fold"] for r in runs) == [0, 1, 2, 3, 4]
+    assert all(r["normalization"]["mean"] == record["normalization"]["mean"] for r in runs)
+    assert "5 folds" in (tmp_path / "outputs" / "finetune_sweep" / "cv" / "report" / "results.md").read_text()
