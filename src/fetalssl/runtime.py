@@ -53,6 +53,8 @@ OmegaConf.register_new_resolver(
     "gpus_per_node", lambda accelerator, devices: devices if accelerator in ("gpu", "cuda") else 0, replace=True
 )
 OmegaConf.register_new_resolver("sweep_subdir", sweep_subdir, replace=True)
+# conf/data_budget: frames per video that keep patients x frames fixed when only `share` of the patients is used.
+OmegaConf.register_new_resolver("frames_for_share", lambda frames, share: round(frames / share), replace=True)
 
 
 # What Lightning's subprocess launcher sets in the launching process (lightning/fabric/strategies/launchers/

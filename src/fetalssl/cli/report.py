@@ -7,7 +7,9 @@ Writes results.csv (mean, sample std, n per cell and metric), runs.csv (one row 
 macro-F1) and confusion_grid.png, and prints the Markdown to stdout. Each `--compare A B` (row labels as in
 the tables, e.g. `--compare hog ssl:barlowtwins`; `hog@linear ssl:barlowtwins@full` across modes) adds B - A
 per mode and fraction with a paired bootstrap interval over the test patients (comparisons.csv and a section
-of results.md): is a difference larger than what the choice of test patients alone would give?
+of results.md): is a difference larger than what the choice of test patients alone would give? Runs fine-tuned
+over a pretraining sweep (init.pretrain_sweep) are also plotted against their pretraining setting
+(<metric>_vs_pretraining.png), and every setting is compared with the largest one without being asked.
 Exit status: 0 ok, 1 nothing usable found (no metrics.json, or no successful run), 2 bad arguments.
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 from fetalssl.report.bootstrap import compare, markdown_comparisons, split_side, write_comparisons_csv
 from fetalssl.report.collect import METRIC_SECTIONS, collect_sweep
 from fetalssl.report.plots import plot_confusion_grid, plot_metric_vs_fraction, sum_confusions
+from fetalssl.report.pretraining import comparison_pairs, plot_metric_vs_pretraining, pretraining_keys
 from fetalssl.report.tables import (
     aggregate,
     make_labeller,
@@ -88,6 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cells = aggregate(results.ok)
     markdown = render_markdown(cells, results, metrics)
     written = [out / "results.csv", out / "runs.csv", out / "results.md"]
+    two_level = bool(results.ok) and bool(pretraining_keys(results.ok))
+    if two_level:  # every pretraining setting against the largest, at equal label fraction
+        args.compare += [list(pair) for pair in comparison_pairs(results.ok, make_labeller(results.ok))]
     if args.compare:
         labeller, labels = make_labeller(results.ok), {c.label for c in cells}
         unknown = sorted({split_side(side)[0] for pair in args.compare for side in pair} - labels)
@@ -117,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for metric in metrics:
             written.append(out / plot_filename(metric))
             plot_metric_vs_fraction(cells, metric, written[-1])
+            if two_level:
+                written.append(out / f"{metric.replace('.', '_')}_vs_pretraining.png")
+                plot_metric_vs_pretraining(results.ok, metric, written[-1])
         confusions = sum_confusions(results.ok, make_labeller(results.ok), args.cm_fraction)
         if confusions:
             written.append(out / "confusion_grid.png")

@@ -3,8 +3,9 @@
 conf/init/<name>.yaml picks one; the architecture always comes from conf/backbone (cfg.backbone):
 - random:   no weights; `zero_init_last` from the init config.
 - imagenet: timm weights from the local file `pretrained_path` (nothing is downloaded).
-- ssl:      `checkpoint` (a backbone.pt state dict or a Lightning .ckpt of a pretraining method), or the run of
-            `method` found under `ssl_dir` by `find_ssl_checkpoint`.
+- ssl:      `checkpoint` (a backbone.pt state dict or a Lightning .ckpt of a pretraining method), the run of
+            `method` found under `ssl_dir` by `find_ssl_checkpoint`, or run `pretrain_run` of the pretraining
+            sweep `pretrain_sweep` (finetune/pretrain_sweep.py).
 """
 
 from __future__ import annotations
@@ -76,7 +77,14 @@ def resolve_init_weights(init_cfg: DictConfig) -> Path | None:
     if name == "imagenet":
         path = Path(init_cfg.pretrained_path)
     elif name == "ssl":
-        if init_cfg.checkpoint is not None:
+        if init_cfg.pretrain_run is not None:
+            if init_cfg.pretrain_sweep is None:
+                raise ValueError(f"init.pretrain_run={init_cfg.pretrain_run} needs init.pretrain_sweep")
+            path = Path(init_cfg.pretrain_sweep) / init_cfg.pretrain_run / BACKBONE_FILE
+        elif init_cfg.pretrain_sweep is not None:
+            raise ValueError(f"init.pretrain_sweep={init_cfg.pretrain_sweep}: run fetalssl-finetune with it, which "
+                             "sweeps init.pretrain_run over its runs (or set init.pretrain_run=<run> yourself)")
+        elif init_cfg.checkpoint is not None:
             path = Path(init_cfg.checkpoint)
         elif init_cfg.ssl_dir is not None and init_cfg.method is not None:
             path = find_ssl_checkpoint(init_cfg.ssl_dir, init_cfg.method, init_cfg.on_multiple)

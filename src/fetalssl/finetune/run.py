@@ -31,6 +31,8 @@ from fetalssl.finetune import hog
 from fetalssl.finetune.classifier import PlaneClassifier
 from fetalssl.finetune.features import CachedFeatureDataModule
 from fetalssl.finetune.init import build_backbone, recorded_method, resolve_init_weights
+from fetalssl.finetune.pretrain_sweep import grid_keys as pretraining_grid_keys
+from fetalssl.finetune.pretrain_sweep import pretraining_record
 from fetalssl.finetune.metrics import (
     metrics_from_predictions,
     video_labels,
@@ -63,16 +65,27 @@ def init_method(init_cfg: DictConfig) -> str | None:
         return None
     if init_cfg.get("method"):
         return init_cfg.method
-    return recorded_method(Path(init_cfg.checkpoint).parent) if init_cfg.get("checkpoint") else None
+    if init_cfg.get("pretrain_run") or init_cfg.get("checkpoint"):
+        return recorded_method(resolve_init_weights(init_cfg).parent)
+    return None
+
+
+def pretraining_of(init_cfg: DictConfig) -> dict[str, Any] | None:
+    """The pretraining run's record when the init is a run of a pretraining sweep (init.pretrain_run)."""
+    if init_cfg.name != "ssl" or not init_cfg.get("pretrain_run"):
+        return None
+    return pretraining_record(resolve_init_weights(init_cfg).parent)
 
 
 def grid_point(cfg: DictConfig) -> dict[str, Any]:
     """The run's place in a sweep; `fold` (cross-validation round, None without folds) is averaged over like the
-    seed, `scan` names the scan options (conf/scan) so sweeps over them tell their runs apart."""
+    seed, `scan` names the scan options (conf/scan) so sweeps over them tell their runs apart, and a run of a
+    pretraining sweep adds that run's `pretrain.<key>` settings."""
+    pretraining = pretraining_of(cfg.init)
     return {"init": cfg.init.name, "method": init_method(cfg.init), "fraction": float(cfg.data.fraction),
             "finetune_mode": cfg.finetune_mode.name, "seed": int(cfg.seed), "backbone": cfg.backbone.name,
             "fold": None if cfg.data.folds is None else int(cfg.data.fold),
-            "scan": instantiate(cfg.data.scan).label}
+            "scan": instantiate(cfg.data.scan).label, **(pretraining_grid_keys(pretraining) if pretraining else {})}
 
 
 def _predict(trainer: L.Trainer, model: PlaneClassifier, loader, ckpt_path: str) -> torch.Tensor:
@@ -134,6 +147,7 @@ def _train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     result["logged_test"] = {k: float(v) for k, v in logged_test.items()}
     result["best_checkpoint"] = best
     result["init_weights"] = init_weights
+    result["pretrain"] = pretraining_of(cfg.init)
     return result
 
 
