@@ -51,7 +51,7 @@ def test_each_round_tests_its_fold_validates_on_the_next_and_trains_on_the_rest(
 
 def test_datamodule_folds_partition_the_patients_over_the_rounds(tmp_path):
     source = make_images(tmp_path, n_patients=10, per_class=1)
-    test_patients = []
+    test_patients, val_patients = [], []
     for fold in range(5):
         dm = datamodule(source, folds=5, fold=fold)
         dm.setup("fit")
@@ -59,9 +59,8 @@ def test_datamodule_folds_partition_the_patients_over_the_rounds(tmp_path):
         assert not (by_split["train"] & by_split["test"]) and not (by_split["train"] & by_split["val"])
         assert len(by_split["train"] | by_split["val"] | by_split["test"]) == 10
         test_patients.append(by_split["test"])
-        if fold:  # the previous round's val fold is this round's test fold
-            assert by_split["test"] == previous_val
-        previous_val = by_split["val"]
+        val_patients.append(by_split["val"])
+    assert val_patients[:-1] == test_patients[1:]  # round k validates on the fold that round k + 1 tests
     assert sorted(p for s in test_patients for p in s) == sorted(f"p{i}" for i in range(10))  # disjoint cover
     with pytest.raises(ValueError, match="set data.fold"):
         datamodule(source, folds=5, fold=None)

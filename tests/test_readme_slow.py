@@ -79,7 +79,8 @@ def ok_metrics(sweep: Path) -> list[dict]:
 
 
 def test_every_readme_command_is_run_by_a_test():
-    tested = {c for name in ("fetalssl-demo-data demo/", "fetalssl-demo-data scans/", "for m in",
+    tested = {c for name in ("fetalssl-demo-data demo/", "fetalssl-demo-data scans/", "fetalssl-demo-data variance/",
+                             "for m in",
                              "fetalssl-predict model=outputs", "fetalssl-export")
               for c in commands(block_with(name))}
     shown = {c for b in readme_blocks() for c in commands(b)}
@@ -135,3 +136,14 @@ def test_readme_scan_layout_block_runs_as_written(tmp_path):
     assert sorted(r["grid"]["fold"] for r in runs) == [0, 1, 2, 3, 4]
     assert all(r["normalization"]["mean"] == record["normalization"]["mean"] for r in runs)
     assert "5 folds" in (tmp_path / "outputs" / "finetune_sweep" / "cv" / "report" / "results.md").read_text()
+
+
+def test_readme_two_level_sweep_block_runs_as_written(tmp_path):
+    run_block(block_with("fetalssl-demo-data variance/"), tmp_path, {
+        "variance/\n": "variance/ --patients 5 --videos-per-patient 1 --frames 40 --size 64 --stills 100 "
+                        "--still-patients 10 --still-size 64\n",
+        "seed=0,1,2": "seed=0"})
+    runs = ok_metrics(tmp_path / "outputs" / "finetune_sweep" / "variance")
+    assert len(runs) == 3 * 2 and {r["grid"]["pretrain.patient_fraction"] for r in runs} == {0.25, 0.5, 1.0}
+    report = tmp_path / "outputs" / "finetune_sweep" / "variance" / "report"
+    assert (report / "test_macro_f1_vs_pretraining.png").is_file() and (report / "comparisons.csv").is_file()

@@ -35,6 +35,18 @@ def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, k: int) -> Ten
     return votes.argmax(dim=1)
 
 
+def weighted_knn_probs(train_x: Tensor, train_y: Tensor, test_x: Tensor, k: int, temperature: float,
+                       num_classes: int) -> Tensor:
+    """Class probabilities (N_test, num_classes) from the k most cosine-similar training features, each neighbour
+    voting for its class with weight exp(similarity / temperature), votes normalised to sum to 1."""
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"k={k} must be >= 1 and temperature={temperature} > 0")
+    sim = F.normalize(test_x.float(), dim=1) @ F.normalize(train_x.float(), dim=1).T
+    top, index = sim.topk(min(k, len(train_x)), dim=1)
+    votes = torch.zeros(len(test_x), num_classes).scatter_add_(1, train_y[index], (top / temperature).exp())
+    return votes / votes.sum(1, keepdim=True)
+
+
 def mean_per_video(videos: Sequence[str], targets: np.ndarray, probs: np.ndarray,
                    source: str) -> tuple[list[str], list[np.ndarray], np.ndarray, np.ndarray]:
     """(video names, frame rows of each, video labels, video probabilities = mean of the frames'): a video's

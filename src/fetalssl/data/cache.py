@@ -26,7 +26,7 @@ import numpy as np
 
 from fetalssl.data.index import VideoRecord
 from fetalssl.data.scan import ScanLayout, ScanOptions, analyse_clip, apply_to_frames, intensity_moments
-from fetalssl.data.video import VideoReadError, declared_frame_count, read_frames, resize_short_side, to_gray
+from fetalssl.data.video import VideoReadError, declared_frame_count, read_gray_and_colour, resize_short_side
 from fetalssl.io import TMP_SUFFIX, atomic_write
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def build_cache(
             summary.reused += 1
         else:
             try:
-                colour, fps = read_frames(record.path, rgb=True, stride=stride, short_side=short_side)
+                gray, colour, fps = read_gray_and_colour(record.path, stride=stride, short_side=short_side)
             except VideoReadError as e:
                 _skip(summary, record.path, str(e).removeprefix(f"{record.path}: "))
                 continue
@@ -211,7 +211,6 @@ def build_cache(
                     continue
                 log.warning("%s: %s; kept (data.min_decoded_fraction=%s)", record.path, decoded, min_decoded_fraction)
                 summary.truncated.append((record.path, decoded))
-            gray = to_gray(colour)
             layout = analyse_clip(gray, colour, scan.detector)
             scan_record = {**layout.summary(), "frames_decoded": len(gray)}
             reason = layout.skip_reason(scan)

@@ -275,22 +275,39 @@ def read_frames(
 
     With backend 'auto', a decord decoding failure mid-video is retried once with PyAV.
     """
+    (frames,), fps = _decode_with_fallback(path, ("rgb" if rgb else "gray",), stride, short_side, backend)
+    return frames, fps
+
+
+def read_gray_and_colour(path: str | Path, stride: int = 1, short_side: int | None = None,
+                         backend: str = "auto") -> tuple[np.ndarray, np.ndarray, float]:
+    """One decoding pass: (grey frames exactly as `read_frames` gives them, the same frames in RGB, fps)."""
+    (gray, colour), fps = _decode_with_fallback(path, ("gray", "rgb"), stride, short_side, backend)
+    return gray, colour, fps
+
+
+def _decode_with_fallback(path, kinds: tuple[str, ...], stride: int, short_side: int | None,
+                          backend: str) -> tuple[list[np.ndarray], float]:
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
+    rgb = kinds == ("rgb",)
     source = open_video(path, rgb=rgb, backend=backend)
     try:
-        frames = _decode_all(source.reader, rgb, stride, short_side)
+        return _decode_all(source.reader, kinds, stride, short_side), source.fps
     except VideoReadError:
         if backend != "auto" or not isinstance(source.reader, _DecordReader):
             raise
         log.debug("%s: decord failed mid-video, retrying with PyAV", path)
         source = open_video(path, rgb=rgb, backend="pyav")
-        frames = _decode_all(source.reader, rgb, stride, short_side)
-    return frames, source.fps
+        return _decode_all(source.reader, kinds, stride, short_side), source.fps
 
 
-def _decode_all(reader, rgb: bool, stride: int, short_side: int | None) -> np.ndarray:
-    frames = [resize_short_side(f if rgb else to_gray(f), short_side) for f in reader.iter_rgb(stride)]
-    if not frames:
+def _decode_all(reader, kinds: tuple[str, ...], stride: int, short_side: int | None) -> list[np.ndarray]:
+    """Each kind ("gray": converted, then resized; "rgb": resized) of every `stride`-th frame, stacked."""
+    out: list[list[np.ndarray]] = [[] for _ in kinds]
+    for frame in reader.iter_rgb(stride):
+        for frames, kind in zip(out, kinds, strict=True):
+            frames.append(resize_short_side(frame if kind == "rgb" else to_gray(frame), short_side))
+    if not out[0]:
         raise VideoReadError(f"{reader.path}: zero frames decoded")
-    return np.stack(frames)
+    return [np.stack(frames) for frames in out]

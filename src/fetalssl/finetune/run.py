@@ -27,12 +27,11 @@ from torch import nn
 
 from fetalssl.data.downstream import DownstreamDataModule
 from fetalssl.data.pretrain import TRAINING_DATA_FILE
+from fetalssl.evaluation import weighted_knn_probs
 from fetalssl.finetune import hog
 from fetalssl.finetune.classifier import PlaneClassifier
 from fetalssl.finetune.features import CachedFeatureDataModule
 from fetalssl.finetune.init import build_backbone, recorded_method, resolve_init_weights
-from fetalssl.finetune.pretrain_sweep import grid_keys as pretraining_grid_keys
-from fetalssl.finetune.pretrain_sweep import pretraining_record
 from fetalssl.finetune.metrics import (
     metrics_from_predictions,
     video_labels,
@@ -40,6 +39,8 @@ from fetalssl.finetune.metrics import (
     write_confusion_matrix,
     write_predictions,
 )
+from fetalssl.finetune.pretrain_sweep import grid_keys as pretraining_grid_keys
+from fetalssl.finetune.pretrain_sweep import pretraining_record
 from fetalssl.io import save_json
 from fetalssl.runtime import build_trainer
 
@@ -176,6 +177,21 @@ def _write_outputs(images: DownstreamDataModule, probs: dict[str, torch.Tensor],
     return result
 
 
+def _knn_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """finetune_mode=knn: weighted k-NN on the frozen backbone's cached features; nothing is trained."""
+    L.seed_everything(cfg.seed, workers=True)  # a random init's weights
+    images = labelled_images(cfg, output_dir)
+    backbone, init_weights = build_backbone(cfg.backbone, cfg.init)
+    features = CachedFeatureDataModule.from_images(backbone, images, torch.device("cpu"),
+                                                   cache_dir=cfg.feature_cache_dir).features
+    train_x, train_y = features["train"]
+    probs = {split: weighted_knn_probs(train_x, train_y, features[split][0], cfg.finetune_mode.k,
+                                       cfg.finetune_mode.temperature, len(images.classes))
+             for split in PREDICTION_FILES}
+    return {**_write_outputs(images, probs, output_dir), "init_weights": init_weights,
+            "pretrain": pretraining_of(cfg.init)}
+
+
 def _hog_baseline(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """init=hog: logistic regression on HOG features through the same data, files and metrics."""
     images, probs = hog.fit_and_predict(cfg, output_dir)
@@ -188,7 +204,8 @@ def run_finetune(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"status": "failed", "grid": grid_point(cfg), "config_key": config_key(cfg)}
     try:
-        evaluate = _hog_baseline if cfg.init.name == "hog" else _train_and_evaluate
+        evaluate = (_hog_baseline if cfg.init.name == "hog" else
+                    _knn_evaluate if cfg.finetune_mode.name == "knn" else _train_and_evaluate)
         result.update(evaluate(cfg, output_dir))
     except Exception as err:
         result["error"] = f"{type(err).__name__}: {err}"
