@@ -42,7 +42,8 @@ def test_every_finetuning_choice_composes(group):
 
 @pytest.mark.parametrize("config, experiment", [("train", "demo"), ("finetune", "demo_finetune"),
                                                 ("finetune", "paper_grid"), ("train", "pocus"),
-                                                ("finetune", "pocus_finetune")])
+                                                ("finetune", "pocus_finetune"), ("train", "data_variance_demo"),
+                                                ("train", "data_variance")])
 def test_experiments_compose(config, experiment):
     composed(config, [f"experiment={experiment}", "data.root=/data"])
 
