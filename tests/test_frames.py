@@ -44,7 +44,7 @@ def tiny_source(tmp_path_factory) -> Path:
 def extracted(tiny_source, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared")
     summary = extract_frames(tiny_source, out, stride=3, max_frames_per_video=4, short_side=16, val_fraction=0.25,
-                             test_fraction=0.25, seed=0, subsets={"ab": ["a", "b"]})
+                             test_fraction=0.25, seed=0, subsets={"ab": ["a", "b"]}, folds=None)
     assert summary.videos == 12 and summary.frames == 12 * 4 and not summary.skipped
     return out
 

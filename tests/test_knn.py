@@ -45,7 +45,7 @@ def test_knn_run_scores_every_image_by_its_neighbours_with_the_configs_k_and_tem
     cfg.finetune_mode = OmegaConf.load(CONF / "finetune_mode" / "knn.yaml")
     cfg.finetune_mode.update(k=3, temperature=0.2)
     result = run_finetune(cfg, tmp_path / "run")
-    assert result["status"] == "ok" and result["grid"]["finetune_mode"] == "knn"
+    assert result["status"] == "ok" and result["grid"]["finetune_mode"] == "knn(k=3,T=0.2)"
     assert result["init_weights"]["path"] == str(weights.resolve())
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained, nothing saved
 

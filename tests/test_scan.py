@@ -236,8 +236,15 @@ def test_predict_applies_the_runs_scan_options_to_a_still_a_one_frame_dicom_and_
     ds.save_as(tmp_path / "one.dcm", enforce_file_format=True)
     for name in ("one.mp4", "still.png", "one.dcm"):
         frames = read_frames(tmp_path / name)[0]
-        out = meta.apply_scan(frames)
+        [out] = meta.apply_scan(frames)
         layout = analyse_still(frames[0], None, sector.detector)
         r0, r1, c0, c1 = layout.bbox
-        assert out.shape == (1, r1 - r0, c1 - c0) and out.shape[1:] != frames.shape[1:], name
-        assert (out[0][~layout.sector[r0:r1, c0:c1]] == 0).all(), name  # zeroed outside, as in fine-tuning
+        assert out.shape == (r1 - r0, c1 - c0) and out.shape != frames.shape[1:], name
+        assert (out[~layout.sector[r0:r1, c0:c1]] == 0).all(), name  # zeroed outside, as in fine-tuning
+    # Every frame of a clip is handled as a labelled still is in fine-tuning (load_scan_image): same pixels.
+    from fetalssl.data.downstream import load_scan_image
+
+    clip = sweep(8, size=64).frames[:3]
+    for frame, out in zip(clip, meta.apply_scan(clip), strict=True):
+        cv2.imwrite(str(tmp_path / "frame.png"), frame)
+        assert np.array_equal(out, load_scan_image(tmp_path / "frame.png", sector))

@@ -4,9 +4,10 @@ A scanner frame is a fan (convex probe) or rectangle (linear probe) of live imag
 calipers, depth ticks, colour bars or an ECG trace, sometimes colour Doppler, sometimes two panes side by side.
 `analyse_clip` finds these from the statistics of a clip over time:
 - the sector is where the image changes (speckle decorrelates, tissue moves): the largest moving component after
-  an opening (which detaches moving text such as a frame counter), as its convex hull (which fills dark, still
-  blood pools and the overlays drawn inside it);
-- overlays are what stays bright and still inside the sector, and anything bright outside it;
+  an opening (which detaches moving text such as a frame counter), grown into the lit regions that touch it
+  (a static chest wall, a motionless deep field), as its convex hull (which fills dark, still blood pools and
+  the overlays drawn inside it);
+- overlays are the small parts that stay bright and still inside the sector, and anything bright outside it;
 - Doppler frames carry chroma inside the sector (static colour, e.g. a colour bar, is an overlay, not Doppler);
 - a split screen is two moving components of similar size side by side.
 A single frame (a still image, a 1-frame video or DICOM) gets its sector from its content instead
@@ -31,7 +32,7 @@ OUTSIDE_CHOICES = ("keep", "zero")
 OVERLAY_CHOICES = ("keep", "zero", "inpaint")
 DOPPLER_CHOICES = ("keep", "drop_frames", "skip_clip")
 SPLIT_SCREEN_CHOICES = ("keep", "skip_clip")
-ANALYSIS_VERSION = 1
+ANALYSIS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,13 @@ class ScanDetector:
     static_threshold: float  # temporal std below which a bright pixel is a burned-in overlay
     bright_threshold: int  # a still pixel inside the sector brighter than this (in every frame) is an overlay
     content_threshold: int  # outside the sector (and for stills) a pixel brighter than this is content
+    lit_threshold: int  # a still region brighter than this that touches the moving image is part of the scan
     chroma_threshold: int  # max - min over RGB above which a pixel is coloured
     doppler_min_share: float  # share of the sector's pixels coloured for a frame to count as Doppler
     min_sector_share: float  # a moving region smaller than this share of the frame falls back to analyse_still
     split_min_share: float  # a second moving region at least this share of the first, beside it: split screen
     opening: float  # size of the opening, as a share of the frame's short side
+    max_overlay_share: float  # a still bright part inside the sector larger than this share of the frame is tissue
     max_frames: int  # frames (evenly spaced) used for the temporal statistics
 
     def key(self) -> str:
@@ -89,7 +92,12 @@ class ScanOptions:
 
     def key(self) -> str:
         """Stable text naming what the options do to pixels (part of the frame cache's entry key)."""
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        text = json.dumps({**asdict(self), "analysis_version": ANALYSIS_VERSION}, sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+    def detector_key(self) -> str:
+        """Short hash of the detector's thresholds (a sweep's grid key, so runs with other thresholds differ)."""
+        return hashlib.sha1(self.detector.key().encode()).hexdigest()[:8]
 
     def record(self) -> dict:
         """The options as written into export metadata and run records."""
@@ -156,6 +164,22 @@ def _hull(mask: np.ndarray) -> np.ndarray:
     return out.astype(bool)
 
 
+def _grow_into_content(region: np.ndarray, content: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """`region` plus every component of `content` that touches it: still tissue next to the moving image (a
+    bright chest wall, a lit but motionless deep field) is scan; text standing apart from it is not."""
+    near = cv2.dilate(region.astype(np.uint8), kernel).astype(bool)
+    _, labels = cv2.connectedComponents(content.astype(np.uint8), connectivity=8)
+    touching = np.unique(labels[near & content])
+    return region | np.isin(labels, touching[touching > 0])
+
+
+def _small_parts(mask: np.ndarray, max_share: float) -> np.ndarray:
+    """The components of `mask` no larger than `max_share` of the frame (glyphs, markers, calipers)."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    small = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] <= max_share * mask.size]
+    return np.isin(labels, small)
+
+
 def _side_by_side(a: np.ndarray, b: np.ndarray) -> bool:
     cols_a, cols_b = np.flatnonzero(a.any(0)), np.flatnonzero(b.any(0))
     return cols_a[-1] < cols_b[0] or cols_b[-1] < cols_a[0]
@@ -196,10 +220,12 @@ def analyse_clip(gray: np.ndarray, rgb: np.ndarray | None, detector: ScanDetecto
                           _doppler_frames(rgb, layout.sector, layout.overlay, detector, n_frames), False, True)
     stack = sample.astype(np.float32)
     std = stack.std(0)
+    kernel = _kernel(gray.shape[1:], detector.opening)
+    lit = cv2.morphologyEx((stack.max(0) > detector.lit_threshold).astype(np.uint8), cv2.MORPH_OPEN,
+                           kernel).astype(bool)
     # Live and lit: codec ringing flickers just outside the sector edge, but stays dark.
     live = (std > detector.motion_threshold) & (stack.max(0) > detector.content_threshold)
-    moving = cv2.morphologyEx(live.astype(np.uint8), cv2.MORPH_OPEN,
-                              _kernel(gray.shape[1:], detector.opening)).astype(bool)
+    moving = cv2.morphologyEx(live.astype(np.uint8), cv2.MORPH_OPEN, kernel).astype(bool)
     parts = _components(moving)
     if not parts or parts[0].mean() < detector.min_sector_share:
         # Too little motion (a frozen loop, a near-still clip): the content of the brightest-on-average image.
@@ -208,12 +234,16 @@ def analyse_clip(gray: np.ndarray, rgb: np.ndarray | None, detector: ScanDetecto
     else:
         split = bool(len(parts) > 1 and parts[1].sum() >= detector.split_min_share * parts[0].sum()
                  and _side_by_side(parts[0], parts[1]))
-        sector = _hull(parts[0]) | (_hull(parts[1]) if split else False)
+        sector = _hull(_grow_into_content(parts[0], lit, kernel))
+        if split:
+            sector |= _hull(_grow_into_content(parts[1], lit, kernel))
         from_still = False
     still_bright = (std < detector.static_threshold) & (stack.min(0) > detector.bright_threshold)
     # Beyond a margin around the sector: live pixels the hull missed at its edge are not overlays.
-    margin = cv2.dilate(sector.astype(np.uint8), _kernel(gray.shape[1:], detector.opening)).astype(bool)
-    overlay = (sector & still_bright) | (~margin & (stack.max(0) > detector.content_threshold))
+    margin = cv2.dilate(sector.astype(np.uint8), kernel).astype(bool)
+    # Inside the sector only small still bright parts are burned in; a large one is still tissue (chest wall).
+    overlay = _small_parts(sector & still_bright, detector.max_overlay_share) | (
+        ~margin & (stack.max(0) > detector.content_threshold))
     return ScanLayout(sector, overlay, _doppler_frames(rgb, sector, overlay, detector, n_frames), split, from_still)
 
 

@@ -240,8 +240,8 @@ def grouped_split(labels: Sequence[int], groups: Sequence[str], val_fraction: fl
 
 def grouped_folds(labels: Sequence[int], groups: Sequence[str], folds: int, seed: int) -> np.ndarray:
     """Fold (0..folds-1) of every item: patient-grouped, label-stratified, equal shares (see `grouped_parts`)."""
-    if folds < 2:
-        raise ValueError(f"data.folds={folds}: need at least 2 folds")
+    if folds < 3:
+        raise ValueError(f"data.folds={folds}: need at least 3 folds (one tests, the next validates, the rest train)")
     n_groups = len(set(groups))
     if n_groups < folds:
         raise ValueError(f"data.folds={folds}: only {n_groups} patients, fewer than the folds")
@@ -250,8 +250,8 @@ def grouped_folds(labels: Sequence[int], groups: Sequence[str], folds: int, seed
 
 def fold_splits(fold_of_item: Sequence[int], fold: int, folds: int) -> np.ndarray:
     """Cross-validation round `fold`: its fold is test, the next one (cyclically) val, the others train."""
-    if not 0 <= fold < folds:
-        raise ValueError(f"data.fold={fold}: must be in [0, data.folds={folds})")
+    if folds < 3 or not 0 <= fold < folds:
+        raise ValueError(f"data.fold={fold}, data.folds={folds}: need folds >= 3 and fold in [0, folds)")
     fold_of_item = np.asarray(fold_of_item)
     split = np.full(len(fold_of_item), "train", dtype=object)
     split[fold_of_item == fold] = "test"

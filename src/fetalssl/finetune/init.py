@@ -10,6 +10,7 @@ conf/init/<name>.yaml picks one; the architecture always comes from conf/backbon
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from fetalssl.data.pretrain import TRAINING_DATA_FILE
 from fetalssl.io import file_sha256
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,24 @@ def recorded_method(run_dir: Path) -> str | None:
     record = yaml.safe_load(hydra_yaml.read_text()) or {}
     choices = ((record.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
     return choices.get("method")
+
+
+def pretraining_normalization(weights: Path) -> tuple[float, float, str] | None:
+    """(mean, std, where it was read) of the inputs the pretraining run behind `weights` (its backbone.pt, or a
+    checkpoint in its checkpoints/) trained on: its pretraining_data.json, else the data.mean/std of its
+    .hydra/config.yaml (runs from before that record); None when `weights` is not from a fetalssl-train run."""
+    run_dir = weights.parent.parent if weights.parent.name == "checkpoints" else weights.parent
+    record = run_dir / TRAINING_DATA_FILE
+    if record.is_file():
+        used = json.loads(record.read_text()).get("normalization") or {}
+        if used.get("mean") is not None:
+            return float(used["mean"]), float(used["std"]), str(record)
+    config = run_dir / ".hydra" / "config.yaml"
+    if config.is_file():
+        data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+        if isinstance(data.get("mean"), int | float) and isinstance(data.get("std"), int | float):
+            return float(data["mean"]), float(data["std"]), str(config)
+    return None
 
 
 def find_ssl_checkpoint(ssl_dir: str | Path, method: str, on_multiple: str) -> Path:

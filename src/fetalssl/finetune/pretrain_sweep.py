@@ -24,7 +24,7 @@ RUN_KEY = "init.pretrain_run"
 # to (a budget preset sets several at once), so the grid shows the settings instead.
 BUDGET_KEYS = ("data_budget", "data.patient_fraction", "data.frames_per_video", "data.frame_selection",
                "data.pairs_per_epoch")
-BUDGET_SETTINGS = ("patient_fraction", "frames_per_video", "pairs_per_epoch")
+BUDGET_SETTINGS = ("patient_fraction", "frames_per_video", "frame_selection", "pairs_per_epoch")
 
 
 def pretraining_runs(sweep_dir: str | Path) -> list[str]:
@@ -80,7 +80,7 @@ def pretraining_record(run_dir: str | Path) -> dict[str, Any]:
     data = json.loads(data_file.read_text()) if data_file.is_file() else {}
     settings = data.get("settings", {})
     return {"run": run_dir.name, "method": recorded_method(run_dir), "overrides": _overrides(run_dir),
-            "data": {**{k: settings.get(k) for k in BUDGET_SETTINGS}, "frame_selection": settings.get("frame_selection"),
+            "data": {**{k: settings.get(k) for k in BUDGET_SETTINGS},
                      "patients": len(data.get("patients", [])), "videos": len(data.get("videos", [])),
                      "distinct_frames": sum(v["frames"] for v in data.get("videos", [])),
                      "pairs_per_epoch_used": data.get("pairs_per_epoch")}}

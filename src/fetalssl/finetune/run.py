@@ -26,12 +26,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fetalssl.data.downstream import DownstreamDataModule
-from fetalssl.data.pretrain import TRAINING_DATA_FILE
 from fetalssl.evaluation import weighted_knn_probs
 from fetalssl.finetune import hog
 from fetalssl.finetune.classifier import PlaneClassifier
 from fetalssl.finetune.features import CachedFeatureDataModule
-from fetalssl.finetune.init import build_backbone, recorded_method, resolve_init_weights
+from fetalssl.finetune.init import (
+    build_backbone,
+    pretraining_normalization,
+    recorded_method,
+    resolve_init_weights,
+)
 from fetalssl.finetune.metrics import (
     metrics_from_predictions,
     video_labels,
@@ -80,13 +84,19 @@ def pretraining_of(init_cfg: DictConfig) -> dict[str, Any] | None:
 
 def grid_point(cfg: DictConfig) -> dict[str, Any]:
     """The run's place in a sweep; `fold` (cross-validation round, None without folds) is averaged over like the
-    seed, `scan` names the scan options (conf/scan) so sweeps over them tell their runs apart, and a run of a
-    pretraining sweep adds that run's `pretrain.<key>` settings."""
+    seed; every other setting a sweep may vary is a key too, so that the report never merges two runs that
+    differ: the scan options (`scan`, `scan_detector`), the normalisation, the number of folds, the k-NN vote
+    (in the mode's name), and for a run of a pretraining sweep that run's `pretrain.<key>` settings."""
     pretraining = pretraining_of(cfg.init)
+    scan = instantiate(cfg.data.scan)
+    mode = cfg.finetune_mode
     return {"init": cfg.init.name, "method": init_method(cfg.init), "fraction": float(cfg.data.fraction),
-            "finetune_mode": cfg.finetune_mode.name, "seed": int(cfg.seed), "backbone": cfg.backbone.name,
-            "fold": None if cfg.data.folds is None else int(cfg.data.fold),
-            "scan": instantiate(cfg.data.scan).label, **(pretraining_grid_keys(pretraining) if pretraining else {})}
+            "finetune_mode": f"knn(k={mode.k},T={mode.temperature:g})" if mode.name == "knn" else mode.name,
+            "seed": int(cfg.seed), "backbone": cfg.backbone.name,
+            "fold": None if cfg.data.folds is None else int(cfg.data.fold), "folds": cfg.data.folds,
+            "scan": scan.label, "scan_detector": scan.detector_key(),
+            "normalization": "measured" if cfg.data.mean is None else f"{cfg.data.mean:g}/{cfg.data.std:g}",
+            **(pretraining_grid_keys(pretraining) if pretraining else {})}
 
 
 def _predict(trainer: L.Trainer, model: PlaneClassifier, loader, ckpt_path: str) -> torch.Tensor:
@@ -97,15 +107,18 @@ NORMALIZATION_FILE = "normalization.json"  # the mean/std a run used (read by fe
 
 
 def labelled_images(cfg: DictConfig, output_dir: Path) -> DownstreamDataModule:
-    """The run's labelled data, set up. With normalization=measured (data.mean null) and an SSL init whose run
-    recorded its measured normalisation, that one is used, so the backbone sees the statistics it was pretrained
-    on; otherwise the datamodule measures its training images. What was used goes to normalization.json."""
+    """The run's labelled data, set up. With normalization=measured (data.mean null) and an SSL init from a
+    fetalssl-train run, the values that run normalised with are used, so the backbone sees the statistics it was
+    pretrained on; other inits measure their training images. A fixed normalisation that differs from the SSL
+    run's is used as asked, with a warning. What was used goes to normalization.json."""
     overrides, source = {}, None
-    if cfg.data.mean is None and cfg.init.name == "ssl":
-        record = resolve_init_weights(cfg.init).parent / TRAINING_DATA_FILE
-        pretrained = json.loads(record.read_text()).get("normalization") if record.is_file() else None
-        if pretrained and pretrained.get("mean") is not None:
-            overrides, source = {"mean": pretrained["mean"], "std": pretrained["std"]}, f"pretraining run {record}"
+    pretrained = pretraining_normalization(resolve_init_weights(cfg.init)) if cfg.init.name == "ssl" else None
+    if cfg.data.mean is None and pretrained is not None:
+        overrides, source = {"mean": pretrained[0], "std": pretrained[1]}, f"pretraining run ({pretrained[2]})"
+    elif pretrained is not None and (cfg.data.mean, cfg.data.std) != pretrained[:2]:
+        log.warning("init weights were pretrained on inputs normalised with mean %s, std %s (%s), but this run "
+                    "normalises with %s, %s; normalization=measured uses the pretraining's", *pretrained,
+                    cfg.data.mean, cfg.data.std)
     images = instantiate(cfg.data, output_dir=output_dir, **overrides)
     images.setup("fit")
     save_json({"mean": images.mean, "std": images.std, "source": source or images.normalization_source},

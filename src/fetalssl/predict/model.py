@@ -20,7 +20,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fetalssl.data.scan import ScanDetector, ScanOptions, analyse_clip, analyse_still, apply_to_frames
+import fetalssl.conf
+from fetalssl.data.scan import ScanDetector, ScanOptions, analyse_still, apply_to_frames
 from fetalssl.data.transforms import to_normalised_tensor
 from fetalssl.finetune.classifier import linear_head
 from fetalssl.finetune.init import backbone_from_record
@@ -70,19 +71,21 @@ class ModelMeta:
     def scan_options(self) -> ScanOptions:
         return ScanOptions(**{**self.scan, "detector": ScanDetector(**self.scan["detector"])})
 
-    def apply_scan(self, frames: np.ndarray) -> np.ndarray:
-        """uint8 (T, H, W) frames of one input with the scan options applied to its layout (found over the whole
-        clip; a single frame from its content), as the fine-tuning images were."""
+    def apply_scan(self, frames: np.ndarray) -> list[np.ndarray]:
+        """uint8 (T, H, W) frames of one input, each with the scan options applied to its own layout found from
+        its content (data.scan.analyse_still), exactly as each labelled still was in fine-tuning (a clip's
+        motion would find a different sector and remove overlays that training images kept)."""
         scan = self.scan_options()
         if not scan.changes_pixels:
-            return frames
-        analyse = analyse_clip if len(frames) > 1 else lambda f, rgb, d: analyse_still(f[0], rgb, d)
-        return apply_to_frames(frames, analyse(frames, None, scan.detector), scan)
+            return list(frames)
+        return [apply_to_frames(f, analyse_still(f, None, scan.detector), scan) for f in frames]
 
-    def preprocess(self, frames: np.ndarray) -> np.ndarray:
-        """uint8 (T, H, W) grayscale frames -> float32 (T, channels, image_size, image_size)."""
-        if frames.ndim != 3 or frames.dtype != np.uint8:
-            raise ValueError(f"expected uint8 grayscale frames (T, H, W), got {frames.dtype} {frames.shape}")
+    def preprocess(self, frames: np.ndarray | list[np.ndarray]) -> np.ndarray:
+        """uint8 grayscale frames ((T, H, W), or a list of (H, W) of any sizes) -> float32 (T, channels,
+        image_size, image_size)."""
+        if any(f.ndim != 2 or f.dtype != np.uint8 for f in frames):
+            raise ValueError("expected uint8 grayscale frames (T, H, W) or a list of (H, W), got "
+                             f"{[(f.dtype, f.shape) for f in frames][:3]}")
         transform = self.eval_transform()
         out = np.empty((len(frames), self.channels, self.image_size, self.image_size), np.float32)
         for i, frame in enumerate(frames):
@@ -114,7 +117,10 @@ def meta_from_run_config(cfg: DictConfig, classes: list[str], run_dir: Path) -> 
         values = {"mean": cfg.data.mean, "std": cfg.data.std}
     else:
         raise FileNotFoundError(f"{run_dir}: measured normalisation but no {NORMALIZATION_FILE}")
-    scan = OmegaConf.to_container(cfg.data.scan, resolve=True)
+    scan_cfg = OmegaConf.select(cfg, "data.scan")
+    if scan_cfg is None:  # a run from before the scan options: its pixels were kept as they were
+        scan_cfg = OmegaConf.load(Path(fetalssl.conf.__file__).parent / "scan" / "keep.yaml")
+    scan = OmegaConf.to_container(scan_cfg, resolve=True)
     scan.pop("_target_")
     scan["detector"].pop("_target_")
     return ModelMeta(classes=list(classes), image_size=int(cfg.data.image_size), channels=int(cfg.data.channels),

@@ -45,7 +45,7 @@ class Predictor(ABC):
 
     def predict_frames(self, frames: np.ndarray, batch_size: int) -> np.ndarray:
         """uint8 grayscale (T, H, W) frames of one input -> (T, n_classes) probabilities: the scan options applied
-        over the whole clip, then preprocessed batch by batch."""
+        to each frame as to the fine-tuning stills, then preprocessed batch by batch."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         frames = self.meta.apply_scan(frames)

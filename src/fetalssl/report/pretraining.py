@@ -31,8 +31,19 @@ def setting_key(records: Sequence[RunRecord]) -> str:
     return SHARE_KEY if SHARE_KEY in keys else keys[0]
 
 
+def _tied_keys(records: Sequence[RunRecord], keys: Sequence[str], order_by: str) -> list[str]:
+    """The setting key and the pretraining keys that change with it one to one (e.g. frames per video under a
+    data budget); other varying pretraining keys (a pretraining seed) stay part of the comparison group."""
+    tied = []
+    for key in keys:
+        pairs = {(str(r.grid.get(order_by)), str(r.grid.get(key))) for r in records}
+        if len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs}):
+            tied.append(key)
+    return tied
+
+
 def _base(grid: Mapping[str, Any], keys: Sequence[str]) -> tuple:
-    """What stays when the pretraining setting, seed, fold, fraction and mode are taken away."""
+    """What stays when the pretraining setting (`keys`), seed, fold, fraction and mode are taken away."""
     return tuple(sorted((k, str(v)) for k, v in grid.items()
                         if k not in keys and k not in ("seed", "fold", "fraction", "finetune_mode")))
 
@@ -44,10 +55,11 @@ def _order(value: Any) -> tuple:
 def comparison_pairs(records: Sequence[RunRecord], labeller: Callable[[Mapping[str, Any]], str]) -> list[tuple[str, str]]:
     """(reference label, other label) for every pretraining setting against the largest one (by `setting_key`)
     of the same init, method and other grid keys."""
-    keys, order_by = pretraining_keys(records), setting_key(records)
+    order_by = setting_key(records)
+    tied = _tied_keys(records, pretraining_keys(records), order_by)
     settings: dict[tuple, dict[str, Any]] = {}
     for record in records:
-        settings.setdefault(_base(record.grid, keys), {})[labeller(record.grid)] = record.grid.get(order_by)
+        settings.setdefault(_base(record.grid, tied), {})[labeller(record.grid)] = record.grid.get(order_by)
     pairs = []
     for labels in settings.values():
         ordered = sorted(labels, key=lambda label: _order(labels[label]))
