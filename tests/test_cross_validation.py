@@ -26,7 +26,7 @@ def test_grouped_folds_keep_patients_together_cover_every_class_and_follow_the_s
     rng = np.random.default_rng(0)
     patients = [f"p{i}" for i in range(20)]
     groups = [p for p in patients for _ in range(rng.integers(1, 4))]
-    labels = [hash(g) % 3 for g in groups]
+    labels = [int(g[1:]) % 3 for g in groups]
     folds = grouped_folds(labels, groups, 4, seed=0)
     fold_of_patient = defaultdict(set)
     for g, f in zip(groups, folds, strict=True):
@@ -129,7 +129,7 @@ def test_report_aggregates_over_folds_and_compares_pooled(tmp_path, capsys):
     for fold in range(2):
         runs = _runs_for_fold(tmp_path / "src", fold, accuracy["hog", fold], accuracy["ssl", fold])
         for init, side in (("hog", "a"), ("ssl", "b")):
-            for seed in range(2):
+            for seed in range(3 if fold == 0 else 1):  # unequal seeds: folds weigh equally, not runs
                 run_dir = sweep / f"{init}_f{fold}_s{seed}"
                 rows = [LabelledImage(Path(k), k, CLASSES[int(t)], str(p), "test", "labels.csv")
                         for k, t, p in zip(runs[side].keys, runs[side].targets, runs[side].patients, strict=True)]
@@ -148,6 +148,7 @@ def test_report_aggregates_over_folds_and_compares_pooled(tmp_path, capsys):
     fold_means = [np.mean(scores["hog", f]) for f in range(2)]
     assert hog.label == "hog" and hog.n == 4 and hog.n_folds == 2  # folds are averaged, not separate rows
     assert hog.mean == pytest.approx(np.mean(fold_means)) and hog.std == pytest.approx(np.std(fold_means, ddof=1))
+    assert hog.mean != pytest.approx(np.mean([v for f in range(2) for v in scores["hog", f]]))
     out = tmp_path / "report"
     assert report_main([str(sweep), "--out", str(out), "--compare", "hog", "ssl", "--resamples", "200",
                         "--metric", "macro_f1"]) == 0

@@ -51,7 +51,11 @@ def test_finetuning_measures_its_training_subset_and_predict_reads_what_it_used(
     train = images.rows("train")
     expected = np.mean([value[r.patient_id] for r in train]) / 255
     assert images.mean == pytest.approx(expected) and images.std > 0
-    assert len(train) < len(images.split_rows["train"]) + len(images.rows("val"))  # only the subset counted
+    cfg.data.fraction = 1.0
+    whole = labelled_images(cfg, tmp_path / "whole")  # the same split, every training image
+    assert len(whole.rows("train")) > len(train)
+    assert whole.mean == pytest.approx(np.mean([value[r.patient_id] for r in whole.rows("train")]) / 255)
+    assert whole.mean != pytest.approx(images.mean)  # the subset alone was measured
     written = json.loads((tmp_path / "run" / NORMALIZATION_FILE).read_text())
     assert written["mean"] == pytest.approx(expected) and "training images" in written["source"]
     meta = meta_from_run_config(cfg, CLASSES, tmp_path / "run")
@@ -85,4 +89,8 @@ def test_grid_names_the_scan_options_and_the_fold(tmp_path):
     assert point["scan"] == "crop+zero_outside+inpaint_overlays+skip_doppler+skip_split"
     cfg.scan.overlays = "zero"  # a changed option is a different grid point, never a silent duplicate
     assert grid_point(cfg)["scan"] == "crop+zero_outside+zero_overlays+skip_doppler+skip_split"
+    detector = grid_point(cfg)["scan_detector"]
+    cfg.scan.detector.motion_threshold = 5.0  # so is a changed detector threshold
+    assert grid_point(cfg)["scan_detector"] != detector
+    assert grid_point(cfg)["normalization"] == "0.5/0.25"
     assert OmegaConf.select(cfg, "data.scan.overlays") == "zero"
