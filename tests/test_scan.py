@@ -140,7 +140,10 @@ def scan_videos(tmp_path):
     return records, clips
 
 
-def test_cache_skips_doppler_and_split_clips_under_sector_and_records_every_layout(tmp_path, scan_videos):
+def test_cache_skips_doppler_and_split_clips_under_sector_and_records_every_layout(tmp_path, scan_videos,
+                                                                                  monkeypatch):
+    from fetalssl.data import cache as cache_module
+
     records, clips = scan_videos
     sector = scan_options("sector")
     summary = build_cache(records, tmp_path / "cache", 64, 1, False, min_decoded_fraction=0.9, scan=sector)
@@ -153,8 +156,13 @@ def test_cache_skips_doppler_and_split_clips_under_sector_and_records_every_layo
     assert iou(video.layout().sector, clips["plain"].sector) >= 0.9
     kept = build_cache(records, tmp_path / "cache", 64, 1, False, min_decoded_fraction=0.9, scan=scan_options("keep"))
     assert kept.built == 3 and not kept.skipped  # other options: new entries; keep skips nothing
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(cache_module, "read_gray_and_colour", no_decoding)
     again = build_cache(records, tmp_path / "cache", 64, 1, False, min_decoded_fraction=0.9, scan=sector)
     assert again.built == 0 and again.reused == 1  # the sector entries are reused
+    assert {p.stem: r for p, r in again.skipped} == reasons  # the skipped clips too, with their reasons
 
 
 def test_drop_frames_keeps_the_grey_frames_of_a_partly_doppler_clip(tmp_path):

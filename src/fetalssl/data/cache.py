@@ -141,6 +141,8 @@ def _write_index(cache_dir: Path, entries: dict[str, dict]) -> None:
 def _is_fresh(entry: dict | None, stat: os.stat_result, cache_dir: Path) -> bool:
     if entry is None or entry["size"] != stat.st_size or entry["mtime_ns"] != stat.st_mtime_ns:
         return False
+    if "skipped" in entry:  # a decision on this very file with these options: no frames to check
+        return True
     try:
         frames = np.load(cache_dir / entry["file"], mmap_mode="r")
     except (OSError, ValueError):
@@ -195,6 +197,10 @@ def build_cache(
             _skip(summary, record.path, f"cannot stat ({e.strerror})")
             continue
         if _is_fresh(entries.get(key), stat, cache_dir):
+            if "skipped" in entries[key]:  # skipped by the scan options before: not decoded again
+                summary.scans[record.path] = entries[key]["scan"]
+                _skip(summary, record.path, entries[key]["skipped"])
+                continue
             summary.reused += 1
         else:
             try:
@@ -219,6 +225,9 @@ def build_cache(
                 reason = "every frame is colour Doppler (scan.doppler=drop_frames)"
             if reason is not None:
                 summary.scans[record.path] = {**scan_record, "frames_kept": 0}
+                entries[key] = {"source": str(record.path.resolve()), "size": stat.st_size,
+                                "mtime_ns": stat.st_mtime_ns, "skipped": reason, "scan": summary.scans[record.path]}
+                _write_index(cache_dir, entries)
                 _skip(summary, record.path, reason)
                 continue
             frames = apply_to_frames((colour if rgb else gray)[kept], layout, scan)
@@ -276,7 +285,7 @@ def load_cache(
     videos = []
     for record in records:
         entry = entries.get(entry_key(record.path, short_side, stride, rgb, scan))
-        if entry is not None and (cache_dir / entry["file"]).exists():
+        if entry is not None and "skipped" not in entry and (cache_dir / entry["file"]).exists():
             videos.append(_cached_video(record, entry, cache_dir))
     if not videos:
         raise CacheError(f"no cached frames in {cache_dir} for these videos; build the cache first")
