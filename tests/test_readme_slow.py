@@ -33,6 +33,8 @@ COVERED_ELSEWHERE = {
     "make demo": "tests/test_demo_slow.py runs scripts/demo.sh, what make demo runs",
     "make test": "CI (.ci/run) runs it",
     "bash scripts/pocus/reproduce.sh outputs/pocus": "tests/test_configs.py::test_pocus_reproduction_script_commands_compose",
+    "bash scripts/pocus/cross_validate.sh outputs/pocus_cv":
+        "tests/test_configs.py::test_pocus_cross_validation_script_composes_one_pretraining_per_fold_and_scan",
 }
 
 
