@@ -19,13 +19,17 @@ def run_cli(name: str, *args: str, cwd: Path | None = None, check: bool = True) 
     return result
 
 
+def small_demo_data(out: Path, video_patients: int) -> Path:
+    """fetalssl-demo-data with one 30-frame 64 px video per video patient and 50 stills of 10 patients."""
+    run_cli("fetalssl-demo-data", out, "--patients", video_patients, "--videos-per-patient", 1, "--frames", 30,
+            "--size", 64, "--still-patients", 10, "--stills", 50, "--still-size", 64)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_demo_data(tmp_path_factory) -> Path:
     """A small fetalssl-demo-data folder (2 video patients, 50 stills) shared by the CLI tests."""
-    out = tmp_path_factory.mktemp("demo") / "data"
-    run_cli("fetalssl-demo-data", out, "--patients", 2, "--videos-per-patient", 1, "--frames", 30, "--size", 64,
-            "--still-patients", 10, "--stills", 50, "--still-size", 64)
-    return out
+    return small_demo_data(tmp_path_factory.mktemp("demo") / "data", video_patients=2)
 
 
 def init_config(name: str):

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 import fetalssl.runtime  # noqa: F401  (registers the config resolvers)
-from conftest import run_cli
+from conftest import run_cli, small_demo_data
 from fetalssl.finetune.pretrain_sweep import expand_pretrain_sweep, pretraining_runs
 
 TINY_PRETRAIN = ["experiment=data_variance_demo", "data.image_size=32", "data.short_side=40", "data.batch_size=8",
@@ -61,10 +61,7 @@ def test_budget_presets_hold_patients_times_frames_and_pairs_fixed():
 
 @pytest.fixture(scope="module")
 def five_patients(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "data"
-    run_cli("fetalssl-demo-data", out, "--patients", 5, "--videos-per-patient", 1, "--frames", 30, "--size", 64,
-            "--still-patients", 10, "--stills", 50, "--still-size", 64)
-    return out
+    return small_demo_data(tmp_path_factory.mktemp("demo") / "data", video_patients=5)
 
 
 def test_two_level_sweep_fine_tunes_every_pretraining_run_and_reports_by_setting(five_patients, tmp_path):
