@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import pytest
 import timm
 import torch
 
@@ -34,6 +35,7 @@ def test_prepare_builds_the_cache_once(tiny_demo_data, tmp_path):
     assert "0 decoded, 2 reused" in second
 
 
+@pytest.mark.slow  # end to end through subprocesses: minutes on 2 cores
 def test_sweep_survives_a_failing_point_and_a_rerun_skips_finished_ones(tiny_demo_data, tmp_path):
     sweep = [*TINY_FINETUNE, f"data.root={tiny_demo_data}", f"paths.output_root={tmp_path}", "run_id=s",
              "init=random,ssl_barlowtwins", "data_fraction=pct10,pct100"]  # no pretraining run: ssl points fail
@@ -56,6 +58,7 @@ def test_sweep_survives_a_failing_point_and_a_rerun_skips_finished_ones(tiny_dem
     assert "failed" in report.stdout.lower() and "random" in report.stdout
 
 
+@pytest.mark.slow  # end to end through subprocesses: minutes on 2 cores
 def test_training_subset_matches_the_requested_fraction(tiny_demo_data, tmp_path):
     run_cli("fetalssl-finetune", *TINY_FINETUNE, f"data.root={tiny_demo_data}", f"paths.output_root={tmp_path}",
             "run_id=f", "data_fraction=pct25")
@@ -73,6 +76,7 @@ def test_training_subset_matches_the_requested_fraction(tiny_demo_data, tmp_path
         assert n == max(1, int(0.25 * full_counts[label] + 0.5))
 
 
+@pytest.mark.slow  # end to end through subprocesses: minutes on 2 cores
 def test_pretraining_is_reproducible_with_any_worker_count_and_a_new_seed_changes_it(tiny_demo_data, tmp_path):
     def pretrain(run_id, *extra):
         run_cli("fetalssl-train", *TINY_PRETRAIN, "method=moco", "method.shuffle_bn_groups=2",
@@ -108,6 +112,7 @@ def test_sweep_folder_names_can_be_pasted_into_another_command(tiny_demo_data, t
     assert "data.patient_pattern='^(P[0-9]+)_'" in overrides  # the full overrides are kept inside
 
 
+@pytest.mark.slow  # end to end through subprocesses: minutes on 2 cores
 def test_pretraining_on_one_patient_warns_and_still_keeps_a_weights_only_best_checkpoint(tiny_demo_data, tmp_path):
     one = tmp_path / "one" / "videos"
     patient = sorted((tiny_demo_data / "videos").iterdir())[0]
@@ -127,6 +132,7 @@ def test_pretraining_on_one_patient_warns_and_still_keeps_a_weights_only_best_ch
     assert not list(one.parent.rglob(".fetalssl_cache")) and (tmp_path / "frame_cache" / "index.json").is_file()
 
 
+@pytest.mark.slow  # end to end through subprocesses: minutes on 2 cores
 def test_a_sweep_mixing_inits_takes_init_checkpoint_and_trainer_keys_as_typed(tiny_demo_data, tmp_path):
     weights = tmp_path / "backbone.pt"
     torch.save(timm.create_model("resnet18", num_classes=0, pretrained=False).state_dict(), weights)

@@ -21,7 +21,8 @@ def choices(group: str) -> list[str]:
 
 def composed(config: str, overrides: list[str]):
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose(config, overrides=["paths.imagenet_weights=/weights.pth", "paths.output_dir=/out", *overrides])
+        cfg = compose(config, overrides=["paths.imagenet_weights=/weights.pth", "paths.fetalclip=/fetalclip",
+                                         "paths.usfm=/usfm.pth", "paths.output_dir=/out", *overrides])
     for node in RESOLVED_NODES[config]:
         OmegaConf.to_container(cfg[node], resolve=True)  # raises on a dangling interpolation or missing value
     return cfg
@@ -36,14 +37,16 @@ def test_every_pretraining_choice_composes(group):
 
 @pytest.mark.parametrize("group", ["init", "finetune_mode", "data_fraction", "backbone", "trainer"])
 def test_every_finetuning_choice_composes(group):
+    # the files a user must name (??? in YAML) for the inits that load them
+    required = {"open_clip": ["init.config=/m.json", "init.checkpoint=/m.pt"], "timm_file": ["init.checkpoint=/w.pt"]}
     for choice in choices(group):
-        composed("finetune", [f"{group}={choice}", "data.root=/data"])
+        composed("finetune", [f"{group}={choice}", "data.root=/data", *required.get(choice, [])])
 
 
 @pytest.mark.parametrize("config, experiment", [("train", "demo"), ("finetune", "demo_finetune"),
                                                 ("finetune", "paper_grid"), ("train", "pocus"),
                                                 ("finetune", "pocus_finetune"), ("train", "data_variance_demo"),
-                                                ("train", "data_variance")])
+                                                ("train", "data_variance"), ("finetune", "published_baselines")])
 def test_experiments_compose(config, experiment):
     composed(config, [f"experiment={experiment}", "data.root=/data"])
 
@@ -149,7 +152,14 @@ PRETRAINING_PRESETS = [p for p in choices("experiment") if "package _global_" in
                        and "finetune" not in p and p != "paper_grid"]
 
 
-@pytest.mark.parametrize("preset, method", list(itertools.product(PRETRAINING_PRESETS, choices("method"))))
+# ResNet-50 presets take ~10x longer per step on a CPU: in the slow suite.
+RESNET50_PRESETS = {p for p in PRETRAINING_PRESETS
+                    if "override /backbone: resnet50" in (CONF / "experiment" / f"{p}.yaml").read_text()}
+
+
+@pytest.mark.parametrize("preset, method", [
+    pytest.param(preset, method, marks=[pytest.mark.slow] if preset in RESNET50_PRESETS else [])
+    for preset, method in itertools.product(PRETRAINING_PRESETS, choices("method"))])
 def test_every_pretraining_preset_trains_every_method_for_two_steps(preset, method, tmp_path):
     import lightning as L
     from hydra.utils import instantiate

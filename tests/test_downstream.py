@@ -48,7 +48,7 @@ def datamodule(source, **overrides) -> DownstreamDataModule:
                   image_extensions=[".png"], min_image_side=16,
                   val_fraction=0.2, test_fraction=0.2, split_seed=0, folds=None, fold=None, fraction=1.0,
                   fraction_seed=0,
-                  image_size=SIZE, channels=3, mean=0.5, std=0.25, scan=scan_options("keep"),
+                  image_size=SIZE, channels=3, mean=0.5, std=0.25, scan=scan_options("keep"), pad_to_square=False,
                   train_transform=eval_transform(),
                   eval_transform=eval_transform(), batch_size=8, num_workers=0, seed=0)
     return DownstreamDataModule(**{**kwargs, **overrides})

@@ -443,6 +443,7 @@ def _full_run(tmp_path, name, seed, num_workers):
     return result, weights
 
 
+@pytest.mark.slow  # end to end through subprocesses: minutes on 2 cores
 def test_same_command_same_weights_and_metrics_with_any_worker_count_and_another_seed_differs(tmp_path):
     make_images(tmp_path / "data")
     # Full fine-tuning with the YAML's training augmentation (random crop, affine, brightness): every source.

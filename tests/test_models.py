@@ -73,7 +73,7 @@ def test_load_weights_lists_missing_and_unexpected_keys(tmp_path):
     del state["layer1.0.conv1.weight"]
     state["extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match=r"bad\.pt.*missing: \['layer1\.0\.conv1\.weight'\].*unexpected: \['extra\.weight'\]"):
+    with pytest.raises(ValueError, match=r"bad\.pt.*missing \(1\): \['layer1\.0\.conv1\.weight'\].*unexpected \(1\): \['extra\.weight'\]"):
         create_backbone("resnet18", 1, pretrained_path=str(tmp_path / "bad.pt"))
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         create_backbone("resnet18", 1, pretrained_path=str(tmp_path / "nope.pt"))

@@ -64,6 +64,7 @@ def five_patients(tmp_path_factory) -> Path:
     return small_demo_data(tmp_path_factory.mktemp("demo") / "data", video_patients=5)
 
 
+@pytest.mark.slow  # end to end through subprocesses: minutes on 2 cores
 def test_two_level_sweep_fine_tunes_every_pretraining_run_and_reports_by_setting(five_patients, tmp_path):
     common = [f"data.root={five_patients}", f"paths.output_root={tmp_path}", "run_id=variance"]
     run_cli("fetalssl-train", "-m", *TINY_PRETRAIN, *common, f"data.cache_dir={tmp_path / 'cache'}",

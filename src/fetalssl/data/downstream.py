@@ -35,7 +35,7 @@ from fetalssl.data.splits import (
     nested_fraction,
     read_manifest,
 )
-from fetalssl.data.transforms import to_normalised_tensor
+from fetalssl.data.transforms import pad_to_square, to_normalised_tensor
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,10 @@ class LabelledImageDataset(Dataset):
     generator (which global seeding does not reach); a plain ``i`` means epoch 0."""
 
     def __init__(self, rows: Sequence[LabelledImage], classes: Sequence[str], transform: A.Compose,
-                 channels: int, mean: float, std: float, scan: ScanOptions, image_size: int, seed: int):
+                 channels: int, mean: float | Sequence[float], std: float | Sequence[float], scan: ScanOptions,
+                 pad_square: bool, image_size: int, seed: int):
         self.rows = list(rows)
+        self.pad_square = pad_square
         self.scan = scan
         self.seed = seed
         self.class_to_index = {c: i for i, c in enumerate(classes)}
@@ -104,13 +106,31 @@ class LabelledImageDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         row = self.rows[index]
         self.transform.set_random_seed(int(np.random.default_rng([self.seed, epoch, index]).integers(2**31)))
-        image = self.transform(image=load_scan_image(row.path, self.scan))["image"]
+        image = load_scan_image(row.path, self.scan)
+        image = self.transform(image=pad_to_square(image) if self.pad_square else image)["image"]
         if image.shape[:2] != (self.image_size, self.image_size):
             raise ValueError(f"{row.path}: transform produced {image.shape[:2]}, expected image_size "
                              f"{self.image_size}; check the transforms in conf/data/labelled.yaml")
-        # Same scaling as the pretraining frames; replicating after normalising is the cheaper order.
-        x = to_normalised_tensor(image[..., None], self.mean, self.std).repeat(self.channels, 1, 1)
-        return x, self.class_to_index[row.label]
+        return to_model_input(image, self.channels, self.mean, self.std), self.class_to_index[row.label]
+
+
+def per_channel_or_one(value: float | Sequence[float] | None) -> float | list[float] | None:
+    """A normalisation value as plain Python: one number for every channel, or a list of one per channel."""
+    if value is None or isinstance(value, int | float):
+        return value if value is None else float(value)
+    return [float(v) for v in value]
+
+
+def to_model_input(image: np.ndarray, channels: int, mean: float | Sequence[float],
+                   std: float | Sequence[float]) -> torch.Tensor:
+    """uint8 grayscale (H, W) -> float (channels, H, W): the pretraining frames' scaling with one mean/std for every
+    channel (normalised once, then replicated: the cheaper order), or per-channel values (an OpenCLIP tower's
+    RGB statistics) applied to the replicated channels."""
+    if np.ndim(mean) == 0:
+        return to_normalised_tensor(image[..., None], mean, std).repeat(channels, 1, 1)
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"per-channel mean {list(mean)} / std {list(std)} do not match channels={channels}")
+    return to_normalised_tensor(np.repeat(image[..., None], channels, axis=-1), mean, std)
 
 
 class EpochShuffle(Sampler[tuple[int, int]]):
@@ -162,8 +182,9 @@ class DownstreamDataModule(SplitDataModule):
     def __init__(self, root: str, classes: Sequence[str] | None, patient_id: str, patient_pattern: str | None,
                  image_extensions: Sequence[str], min_image_side: int, val_fraction: float, test_fraction: float,
                  split_seed: int, folds: int | None, fold: int | None,
-                 fraction: float, fraction_seed: int, image_size: int, channels: int, mean: float | None,
-                 std: float | None, scan: ScanOptions, train_transform: A.Compose, eval_transform: A.Compose, batch_size: int, num_workers: int,
+                 fraction: float, fraction_seed: int, image_size: int, channels: int,
+                 mean: float | Sequence[float] | None, std: float | Sequence[float] | None, scan: ScanOptions,
+                 pad_to_square: bool, train_transform: A.Compose, eval_transform: A.Compose, batch_size: int, num_workers: int,
                  seed: int, output_dir: str | Path | None = None):
         super().__init__()
         if channels not in (1, 3):
@@ -191,10 +212,10 @@ class DownstreamDataModule(SplitDataModule):
         self.channels = channels
         if (mean is None) != (std is None):
             raise ValueError(f"data.mean={mean}, data.std={std}: give both, or neither (normalization=measured)")
-        self.mean = mean
-        self.std = std
+        self.mean, self.std = per_channel_or_one(mean), per_channel_or_one(std)
         self.normalization_source = "config" if mean is not None else None
         self.scan = scan
+        self.pad_to_square = pad_to_square
         self.train_transform = train_transform
         self.eval_transform = eval_transform
         self.batch_size = batch_size
@@ -302,7 +323,7 @@ class DownstreamDataModule(SplitDataModule):
     def dataset(self, split: str, augment: bool = False) -> LabelledImageDataset:
         transform = self.train_transform if augment else self.eval_transform
         return LabelledImageDataset(self.rows(split), self.classes, transform, self.channels, self.mean,
-                                    self.std, self.scan, self.image_size, self.seed)
+                                    self.std, self.scan, self.pad_to_square, self.image_size, self.seed)
 
     def loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self.dataset(split, augment=train)

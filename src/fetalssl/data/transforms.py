@@ -5,6 +5,7 @@ frames become normalised tensors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import albumentations as A
@@ -72,10 +73,26 @@ def with_channels(frame: np.ndarray, channels: int) -> np.ndarray:
     return np.round(frame @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[..., None]
 
 
-def to_normalised_tensor(image: np.ndarray, mean: float, std: float) -> torch.Tensor:
-    """uint8 (H, W, C) -> float (C, H, W), scaled to [0, 1] then (x - mean) / std."""
+def to_normalised_tensor(image: np.ndarray, mean: float | Sequence[float],
+                         std: float | Sequence[float]) -> torch.Tensor:
+    """uint8 (H, W, C) -> float (C, H, W), scaled to [0, 1] then (x - mean) / std; mean and std are one value for
+    every channel or one per channel."""
     # one fused numpy pass on a contiguous CHW copy: torch ops on the permuted view are several times slower
     chw = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
-    chw *= 1.0 / (255.0 * std)
-    chw -= mean / std
+    if np.ndim(mean) == 0:
+        chw *= 1.0 / (255.0 * std)
+        chw -= mean / std
+    else:
+        std = np.asarray(std, np.float32).reshape(-1, 1, 1)
+        chw *= 1.0 / (255.0 * std)
+        chw -= np.asarray(mean, np.float32).reshape(-1, 1, 1) / std
     return torch.from_numpy(chw)
+
+
+def pad_to_square(image: np.ndarray) -> np.ndarray:
+    """Zero-pad (H, W[, C]) to a square, the image centred (FetalCLIP's preprocessing before resizing)."""
+    h, w = image.shape[:2]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    padding = [(top, side - h - top), (left, side - w - left)] + [(0, 0)] * (image.ndim - 2)
+    return np.pad(image, padding)

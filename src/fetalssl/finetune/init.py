@@ -1,18 +1,25 @@
-"""Backbone initialisation for fine-tuning: random, ImageNet (local file) or a self-supervised checkpoint.
+"""Backbone initialisation for fine-tuning: random, ImageNet (local file), a self-supervised checkpoint, any
+timm weight file, or the image tower of an OpenCLIP model.
 
-conf/init/<name>.yaml picks one; the architecture always comes from conf/backbone (cfg.backbone):
-- random:   no weights; `zero_init_last` from the init config.
-- imagenet: timm weights from the local file `pretrained_path` (nothing is downloaded).
-- ssl:      `checkpoint` (a backbone.pt state dict or a Lightning .ckpt of a pretraining method), the run of
-            `method` found under `ssl_dir` by `find_ssl_checkpoint`, or run `pretrain_run` of the pretraining
-            sweep `pretrain_sweep` (finetune/pretrain_sweep.py).
+conf/init/<name>.yaml picks one; the architecture comes from conf/backbone (cfg.backbone) except for open_clip:
+- random:    no weights; `zero_init_last` from the init config.
+- imagenet:  timm weights from the local file `pretrained_path` (nothing is downloaded).
+- ssl:       `checkpoint` (a backbone.pt state dict or a Lightning .ckpt of a pretraining method), the run of
+             `method` found under `ssl_dir` by `find_ssl_checkpoint`, or run `pretrain_run` of the pretraining
+             sweep `pretrain_sweep` (finetune/pretrain_sweep.py).
+- timm_file: timm model `architecture` with the weights of `checkpoint` (keys under `key_prefix`), strict unless
+             `strict` is false; the key report goes into the provenance record.
+- open_clip: the image tower of the OpenCLIP model `config` with weights `checkpoint`
+             (models/open_clip_tower.py); it also dictates the input size and normalisation (`input_overrides`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import yaml
 from hydra.utils import instantiate
@@ -21,11 +28,13 @@ from torch import nn
 
 from fetalssl.data.pretrain import TRAINING_DATA_FILE
 from fetalssl.io import file_sha256
+from fetalssl.models.backbones import load_backbone_weights
+from fetalssl.models.open_clip_tower import ImageTower, input_spec, load_clip
 
 log = logging.getLogger(__name__)
 
 BACKBONE_FILE = "backbone.pt"
-INIT_CHOICES = ("random", "imagenet", "ssl")
+INIT_CHOICES = ("random", "imagenet", "ssl", "timm_file", "open_clip")
 
 
 def recorded_method(run_dir: Path) -> str | None:
@@ -94,7 +103,9 @@ def resolve_init_weights(init_cfg: DictConfig) -> Path | None:
     name = init_cfg.name
     if name == "random":
         return None
-    if name == "imagenet":
+    if name in ("timm_file", "open_clip"):
+        path = Path(init_cfg.checkpoint)
+    elif name == "imagenet":
         path = Path(init_cfg.pretrained_path)
     elif name == "ssl":
         if init_cfg.pretrain_run is not None:
@@ -117,14 +128,42 @@ def resolve_init_weights(init_cfg: DictConfig) -> Path | None:
     return path
 
 
-def build_backbone(backbone_cfg: DictConfig, init_cfg: DictConfig) -> tuple[nn.Module, dict[str, str] | None]:
-    """Instantiate cfg.backbone (fetalssl.models.backbones.create_backbone) with the init's weights.
+def open_clip_model(init_cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """init=open_clip: the whole OpenCLIP model (both towers) and its provenance record (weights and config)."""
+    weights = resolve_init_weights(init_cfg)
+    config = Path(init_cfg.config)
+    clip = load_clip(config, weights, init_cfg.trust_pickle)
+    return clip, {"init": init_cfg.name, "path": str(weights.resolve()), "sha256": file_sha256(weights),
+                  "config": str(config.resolve()), "config_sha256": file_sha256(config)}
+
+
+def input_overrides(init_cfg: DictConfig) -> dict[str, Any]:
+    """data.* values an init dictates: an OpenCLIP tower's input size, RGB mean/std and padding; none otherwise."""
+    if init_cfg.name != "open_clip":
+        return {}
+    spec = input_spec(init_cfg.config)
+    return {"image_size": spec.image_size, "channels": 3, "mean": list(spec.mean), "std": list(spec.std),
+            "pad_to_square": bool(init_cfg.pad_to_square)}
+
+
+def build_backbone(backbone_cfg: DictConfig, init_cfg: DictConfig) -> tuple[nn.Module, dict[str, Any] | None]:
+    """Instantiate cfg.backbone (fetalssl.models.backbones.create_backbone) with the init's weights, or the
+    OpenCLIP image tower for init=open_clip.
 
     Returns the backbone and its provenance: ``{"init", "path", "sha256"}`` of the weight file exactly as read
-    (None for random init), what metrics.json and the fine-tuned checkpoint record."""
+    (None for random init; timm_file adds its key report, open_clip its model config), what metrics.json and
+    the fine-tuned checkpoint record."""
+    if init_cfg.name == "open_clip":
+        clip, record = open_clip_model(init_cfg)
+        return ImageTower(clip), record
     weights = resolve_init_weights(init_cfg)
     record = None if weights is None else {"init": init_cfg.name, "path": str(weights.resolve()),
                                            "sha256": file_sha256(weights)}
+    if init_cfg.name == "timm_file":
+        backbone = instantiate(backbone_cfg, name=init_cfg.architecture, pretrained_path=None)
+        keys = load_backbone_weights(backbone, weights, init_cfg.trust_pickle, strict=init_cfg.strict,
+                                     key_prefix=init_cfg.key_prefix)
+        return backbone, {**record, "architecture": init_cfg.architecture, "keys": asdict(keys)}
     overrides = {"pretrained_path": None if weights is None else str(weights)}
     if init_cfg.name == "random":
         overrides["zero_init_last"] = init_cfg.zero_init_last
@@ -134,6 +173,9 @@ def build_backbone(backbone_cfg: DictConfig, init_cfg: DictConfig) -> tuple[nn.M
 def backbone_from_record(backbone_cfg: DictConfig, record: dict[str, str], source: str | Path) -> nn.Module:
     """The backbone a run started from, read from exactly the file its provenance names; refused if the file
     changed since (so a head is never paired with other weights than those it was trained on)."""
+    if record["init"] == "timm_file":
+        raise ValueError(f"{source}: a head-only checkpoint on an init=timm_file backbone cannot be rebuilt yet; "
+                         "fine-tune with finetune_mode=full or partial, whose checkpoint holds the backbone")
     path = Path(record["path"])
     if not path.is_file():
         raise FileNotFoundError(f"{source}: the init weights it was trained on, {path}, are gone")

@@ -5,7 +5,7 @@
 - "last_stage": the last stage plus every parameter registered after it (final norms, conv_head...).
   The last stage is the module named by the last entry of timm's `feature_info` (resnet: layer4,
   convnext: stages.3, vit: blocks.11, efficientnet: blocks.6); models without it fall back to the last
-  child of `layers` / `stages` / `blocks`.
+  child of `layers` / `stages` / `blocks` / `visual.transformer.resblocks` (an OpenCLIP image tower).
 - "all": full fine-tuning.
 
 Frozen parts must also stay in eval mode: otherwise BatchNorm running statistics keep moving and dropout /
@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import nn
 
 TRAINABLE_CHOICES = ("none", "last_stage", "all")
-_STAGE_CONTAINERS = ("layers", "stages", "blocks")
+_STAGE_CONTAINERS = ("layers", "stages", "blocks", "visual.transformer.resblocks")
 
 
 def last_stage_name(backbone: nn.Module) -> str:
@@ -26,7 +26,10 @@ def last_stage_name(backbone: nn.Module) -> str:
     if feature_info:
         return feature_info[-1]["module"]
     for attr in _STAGE_CONTAINERS:
-        container = getattr(backbone, attr, None)
+        try:
+            container = backbone.get_submodule(attr)
+        except AttributeError:
+            continue
         if isinstance(container, nn.Sequential | nn.ModuleList) and len(container):
             return f"{attr}.{len(container) - 1}"
     raise ValueError(f"{type(backbone).__name__}: cannot find its last stage (no timm feature_info and no "

@@ -32,6 +32,8 @@ from fetalssl.finetune.classifier import PlaneClassifier
 from fetalssl.finetune.features import CachedFeatureDataModule
 from fetalssl.finetune.init import (
     build_backbone,
+    input_overrides,
+    open_clip_model,
     pretraining_normalization,
     recorded_method,
     resolve_init_weights,
@@ -46,6 +48,13 @@ from fetalssl.finetune.metrics import (
 from fetalssl.finetune.pretrain_sweep import grid_keys as pretraining_grid_keys
 from fetalssl.finetune.pretrain_sweep import pretraining_record
 from fetalssl.io import save_json
+from fetalssl.models.open_clip_tower import (
+    ImageTower,
+    class_text_embeddings,
+    read_prompts,
+    tokenizer_for,
+    zeroshot_probs,
+)
 from fetalssl.runtime import build_trainer
 
 log = logging.getLogger(__name__)
@@ -65,7 +74,13 @@ def config_key(cfg: DictConfig) -> str:
 
 
 def init_method(init_cfg: DictConfig) -> str | None:
-    """Pretraining method behind an ssl init (from the config or the checkpoint's run); None for baselines."""
+    """Pretraining method behind an ssl init (from the config or the checkpoint's run); for open_clip / timm_file
+    init.label, else the model config's file name / the architecture ("open_clip:FetalCLIP" in the report); None
+    for the other baselines."""
+    if init_cfg.name == "open_clip":
+        return init_cfg.label or Path(init_cfg.config).stem
+    if init_cfg.name == "timm_file":
+        return init_cfg.label or init_cfg.architecture
     if init_cfg.name != "ssl":
         return None
     if init_cfg.get("method"):
@@ -82,6 +97,13 @@ def pretraining_of(init_cfg: DictConfig) -> dict[str, Any] | None:
     return pretraining_record(resolve_init_weights(init_cfg).parent)
 
 
+def backbone_name(cfg: DictConfig) -> str:
+    """The architecture a run fine-tunes: conf/backbone's, or the one its init brings."""
+    if cfg.init.name == "open_clip":
+        return f"open_clip:{Path(cfg.init.config).stem}"
+    return cfg.init.architecture if cfg.init.name == "timm_file" else cfg.backbone.name
+
+
 def grid_point(cfg: DictConfig) -> dict[str, Any]:
     """The run's place in a sweep; `fold` (cross-validation round, None without folds) is averaged over like the
     seed; every other setting a sweep may vary is a key too, so that the report never merges two runs that
@@ -90,12 +112,14 @@ def grid_point(cfg: DictConfig) -> dict[str, Any]:
     pretraining = pretraining_of(cfg.init)
     scan = instantiate(cfg.data.scan)
     mode = cfg.finetune_mode
+    dictated = input_overrides(cfg.init)
     return {"init": cfg.init.name, "method": init_method(cfg.init), "fraction": float(cfg.data.fraction),
             "finetune_mode": f"knn(k={mode.k},T={mode.temperature:g})" if mode.name == "knn" else mode.name,
-            "seed": int(cfg.seed), "backbone": cfg.backbone.name,
+            "seed": int(cfg.seed), "backbone": backbone_name(cfg),
             "fold": None if cfg.data.folds is None else int(cfg.data.fold), "folds": cfg.data.folds,
             "scan": scan.label, "scan_detector": scan.detector_key(),
-            "normalization": "measured" if cfg.data.mean is None else f"{cfg.data.mean:g}/{cfg.data.std:g}",
+            "normalization": ("init" if dictated else "measured" if cfg.data.mean is None
+                              else f"{cfg.data.mean:g}/{cfg.data.std:g}"),
             **(pretraining_grid_keys(pretraining) if pretraining else {})}
 
 
@@ -110,8 +134,17 @@ def labelled_images(cfg: DictConfig, output_dir: Path) -> DownstreamDataModule:
     """The run's labelled data, set up. With normalization=measured (data.mean null) and an SSL init from a
     fetalssl-train run, the values that run normalised with are used, so the backbone sees the statistics it was
     pretrained on; other inits measure their training images. A fixed normalisation that differs from the SSL
-    run's is used as asked, with a warning. What was used goes to normalization.json."""
+    run's is used as asked, with a warning. An OpenCLIP init dictates its input size, RGB mean/std and padding
+    (finetune.init.input_overrides). What was used goes to normalization.json."""
     overrides, source = {}, None
+    dictated = input_overrides(cfg.init)
+    if dictated:
+        changed = {k: (cfg.data[k], v) for k, v in dictated.items() if cfg.data[k] != v}
+        log.info("init=%s dictates the input: %s", cfg.init.name, dictated)
+        cfg = OmegaConf.merge(cfg, {"data": dictated})  # before instantiating: the transforms' sizes follow
+        if changed:
+            log.info("data config values replaced (was, now): %s", changed)
+        source = f"init {cfg.init.name} ({cfg.init.config})"
     pretrained = pretraining_normalization(resolve_init_weights(cfg.init)) if cfg.init.name == "ssl" else None
     if cfg.data.mean is None and pretrained is not None:
         overrides, source = {"mean": pretrained[0], "std": pretrained[1]}, f"pretraining run ({pretrained[2]})"
@@ -121,7 +154,8 @@ def labelled_images(cfg: DictConfig, output_dir: Path) -> DownstreamDataModule:
                     cfg.data.mean, cfg.data.std)
     images = instantiate(cfg.data, output_dir=output_dir, **overrides)
     images.setup("fit")
-    save_json({"mean": images.mean, "std": images.std, "source": source or images.normalization_source},
+    save_json({"mean": images.mean, "std": images.std, "source": source or images.normalization_source,
+               "image_size": images.image_size, "channels": images.channels, "pad_to_square": images.pad_to_square},
               output_dir / NORMALIZATION_FILE)
     return images
 
@@ -184,6 +218,8 @@ def _write_outputs(images: DownstreamDataModule, probs: dict[str, torch.Tensor],
                                                               images.classes)
     result["classes"] = list(images.classes)
     result["normalization"] = {"mean": images.mean, "std": images.std}
+    result["input"] = {"image_size": images.image_size, "channels": images.channels,
+                       "pad_to_square": images.pad_to_square}
     result["scan"] = images.scan.record()
     result["train_size"] = len(images.rows("train"))
     result["train_class_counts"] = dict(zip(images.classes, images.class_counts().tolist(), strict=True))
@@ -205,6 +241,27 @@ def _knn_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             "pretrain": pretraining_of(cfg.init)}
 
 
+def _zeroshot_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """finetune_mode=zeroshot: an OpenCLIP model's image embeddings against its text embeddings of each class's
+    prompts (init.prompts); no label of the training split is used."""
+    if cfg.init.name != "open_clip":
+        raise ValueError(f"finetune_mode=zeroshot needs init=open_clip (a text tower), not init={cfg.init.name}")
+    if cfg.init.prompts is None:
+        raise ValueError("finetune_mode=zeroshot needs init.prompts=<JSON mapping each class to its prompts>")
+    images = labelled_images(cfg, output_dir)
+    given = cfg.init.prompts
+    prompts = read_prompts(given if isinstance(given, str) else OmegaConf.to_container(given), images.classes,
+                           source=given if isinstance(given, str) else "init.prompts")
+    clip, init_weights = open_clip_model(cfg.init)
+    features = CachedFeatureDataModule.from_images(ImageTower(clip), images, torch.device("cpu"),
+                                                   cache_dir=cfg.feature_cache_dir).features
+    classes = class_text_embeddings(clip, tokenizer_for(cfg.init.config), prompts)
+    scale = clip.logit_scale.exp().detach()
+    probs = {split: zeroshot_probs(features[split][0], classes, scale) for split in PREDICTION_FILES}
+    return {**_write_outputs(images, probs, output_dir), "init_weights": init_weights, "prompts": prompts,
+            "train_size": 0, "train_class_counts": dict.fromkeys(images.classes, 0)}
+
+
 def _hog_baseline(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """init=hog: logistic regression on HOG features through the same data, files and metrics."""
     images, probs = hog.fit_and_predict(cfg, output_dir)
@@ -218,7 +275,8 @@ def run_finetune(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     result: dict[str, Any] = {"status": "failed", "grid": grid_point(cfg), "config_key": config_key(cfg)}
     try:
         evaluate = (_hog_baseline if cfg.init.name == "hog" else
-                    _knn_evaluate if cfg.finetune_mode.name == "knn" else _train_and_evaluate)
+                    _knn_evaluate if cfg.finetune_mode.name == "knn" else
+                    _zeroshot_evaluate if cfg.finetune_mode.name == "zeroshot" else _train_and_evaluate)
         result.update(evaluate(cfg, output_dir))
     except Exception as err:
         result["error"] = f"{type(err).__name__}: {err}"

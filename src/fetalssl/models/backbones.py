@@ -8,6 +8,8 @@ init) instead of timm's default of 0. Only ResNet-family models have this option
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -46,7 +48,7 @@ def create_backbone(
             raise ValueError(f"zero_init_last=True is only supported by ResNet-family models, not {name!r}") from err
         model = timm.create_model(name, **kwargs)
     if pretrained_path is not None:
-        load_backbone_weights(model, pretrained_path, trust_pickle)
+        load_backbone_weights(model, pretrained_path, trust_pickle, strict=True, key_prefix=None)
     return model
 
 
@@ -75,13 +77,62 @@ def _extract_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return stripped
 
 
-def load_backbone_weights(model: nn.Module, path: str | Path, trust_pickle: bool) -> None:
-    """Load weights strictly; adapt RGB->grey first conv by summing over input channels.
+@dataclass(frozen=True)
+class KeyReport:
+    """How a weight file's keys met a model's: what the model has that the file lacks (left as initialised),
+    what the file has that the model lacks (ignored), and keys present in both with different shapes."""
 
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[str]
+
+    @classmethod
+    def compare(cls, expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> KeyReport:
+        return cls(missing=sorted(set(expected) - set(found)), unexpected=sorted(set(found) - set(expected)),
+                   mismatched=sorted(k for k in expected if k in found and found[k].shape != expected[k].shape))
+
+    @property
+    def exact(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self, limit: int = 20) -> str:
+        parts = []
+        for label, keys in (("missing", self.missing), ("unexpected", self.unexpected),
+                            ("shape mismatch", self.mismatched)):
+            if keys:
+                more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+                parts.append(f"{label} ({len(keys)}): {keys[:limit]}{more}")
+        return "; ".join(parts) or "every key matches"
+
+
+def load_matching(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, strict: bool) -> KeyReport:
+    """Load `state` into `model`: all of it (strict; anything else is an error naming the file and the keys), or,
+    with strict=False, the keys that fit, the rest of the model left as initialised (logged)."""
+    report = KeyReport.compare(model.state_dict(), state)
+    if not report.exact:
+        if strict:
+            raise ValueError(f"{path}: weights do not fit {type(model).__name__}: {report.describe()}")
+        log.warning("%s: partial load into %s; left as initialised or ignored: %s", path, type(model).__name__,
+                    report.describe())
+    skipped = set(report.unexpected) | set(report.mismatched)
+    model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=strict)
+    return report
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path, trust_pickle: bool, strict: bool,
+                          key_prefix: str | None) -> KeyReport:
+    """Load weights (strictly unless told otherwise); adapt RGB->grey first conv by summing over input channels.
+
+    ``key_prefix`` (e.g. "encoder." of a checkpoint that wraps the timm model): only the keys under it are the
+    backbone's, read without it.
     Classifier weights in the file (e.g. an ImageNet ``fc``) are dropped because the backbone has no head.
     """
     path = Path(path)
     state = _extract_state_dict(load_weights(path, trust_pickle, switch=TRUST_PICKLE_SWITCH), path)
+    if key_prefix:
+        state = {k.removeprefix(key_prefix): v for k, v in state.items() if k.startswith(key_prefix)}
+        if not state:
+            raise ValueError(f"{path}: no weight key starts with key_prefix {key_prefix!r}")
 
     classifier = model.pretrained_cfg.get("classifier")
     if classifier:
@@ -98,15 +149,6 @@ def load_backbone_weights(model: nn.Module, path: str | Path, trust_pickle: bool
             log.info("%s: summing RGB weights of %s into one input channel", path, conv_key)
             state[conv_key] = src.sum(dim=1, keepdim=True)
 
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        details = "; ".join(
-            f"{label}: {keys}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
-            if keys
-        )
-        raise ValueError(f"{path}: weights do not fit backbone {type(model).__name__}: {details}")
-    model.load_state_dict(state, strict=True)
+    report = load_matching(model, state, path, strict)
     log.info("loaded backbone weights from %s", path)
+    return report

@@ -146,12 +146,17 @@ def load_run(run_dir: str | Path) -> tuple[ProbabilityModel, ModelMeta]:
         if not (run_dir / required).is_file():
             raise FileNotFoundError(f"{run_dir} is not a fine-tune run dir: {required} is missing")
     cfg = OmegaConf.load(run_dir / RUN_CONFIG)
+    init = OmegaConf.select(cfg, "init.name")
+    if init == "open_clip":
+        raise ValueError(f"{run_dir}: fetalssl-predict and -export do not support init=open_clip runs yet")
     checkpoint = torch.load(run_dir / RUN_CHECKPOINT, map_location="cpu", weights_only=True)
     meta = meta_from_run_config(cfg, checkpoint["hyper_parameters"]["classes"], run_dir)
     state = checkpoint["state_dict"]
     has_backbone = any(k.startswith("backbone.") for k in state)
     if has_backbone:
-        backbone = instantiate(cfg.backbone, pretrained_path=None)  # weights come from the checkpoint
+        # weights come from the checkpoint; init=timm_file may name another architecture than conf/backbone
+        architecture = {"name": cfg.init.architecture} if init == "timm_file" else {}
+        backbone = instantiate(cfg.backbone, pretrained_path=None, **architecture)
     elif cfg.init.name == "random":
         raise ValueError(f"{run_dir}: the checkpoint holds only the head (cached-feature linear probe) and the "
                          f"random-init backbone it was trained on cannot be rebuilt")

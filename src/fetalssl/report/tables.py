@@ -68,13 +68,24 @@ def varying_extra_keys(records: Iterable[RunRecord]) -> list[str]:
 
 
 def make_labeller(records: Iterable[RunRecord]) -> Callable[[Mapping[str, Any]], str]:
-    """Row label for a grid: "ssl:barlowtwins", "random", plus " (backbone=resnet50)" when backbones vary."""
-    extra_keys = varying_extra_keys(records)
+    """Row label for a grid: "ssl:barlowtwins", "random", plus " (backbone=resnet50)" when backbones vary among
+    the runs of that init. A key that differs only between inits (FetalCLIP's own backbone and normalisation
+    beside the ResNets') separates no rows of one init, so it stays out of the label."""
+    records = list(records)
 
-    def label(grid: Mapping[str, Any]) -> str:
+    def base(grid: Mapping[str, Any]) -> str:
         text = str(grid["init"])
         if grid.get("method") not in NO_METHOD:
             text += f":{grid['method']}"
+        return text
+
+    by_base: dict[str, list[RunRecord]] = {}
+    for record in records:
+        by_base.setdefault(base(record.grid), []).append(record)
+    extra_keys = sorted({key for group in by_base.values() for key in varying_extra_keys(group)})
+
+    def label(grid: Mapping[str, Any]) -> str:
+        text = base(grid)
         if extra_keys:
             text += " (" + ", ".join(f"{key}={grid.get(key)}" for key in extra_keys) + ")"
         return text
