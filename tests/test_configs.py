@@ -148,8 +148,38 @@ def test_pocus_cross_validation_script_composes_one_pretraining_per_fold_and_sca
             assert sides == labels
 
 
+def test_pocus_data_variance_script_pretrains_three_budgets_and_fine_tunes_over_that_sweep(tmp_path):
+    """scripts/pocus/data_variance.sh with stub console scripts: the pretraining sweep composes for each patient
+    share at the same frame and pair budget, and the fine-tuning grid runs over that sweep's folder."""
+    import subprocess
+
+    import fetalssl.runtime  # noqa: F401  (registers the frames_for_share resolver, as the console scripts do)
+
+    log = tmp_path / "calls.txt"
+    for name in ("fetalssl-extract-frames", "fetalssl-train", "fetalssl-finetune", "fetalssl-report"):
+        stub = tmp_path / "bin" / name
+        stub.parent.mkdir(exist_ok=True)
+        stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\x1f" {name} "$@" >> {log}\necho >> {log}\n')
+        stub.chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "pocus" / "data_variance.sh"
+    subprocess.run(["bash", str(script), str(tmp_path / "out")], check=True,
+                   env={"BIN": str(tmp_path / "bin"), "PATH": "/usr/bin:/bin"})
+    calls = {c[0]: c[1:] for c in (line.rstrip("\x1f").split("\x1f") for line in log.read_text().splitlines() if line)}
+    train = calls["fetalssl-train"]
+    budgets = next(a for a in train if a.startswith("data_budget=")).removeprefix("data_budget=").split(",")
+    frames = {}
+    for budget in budgets:
+        cfg = composed("train", [a for a in train[1:] if not a.startswith("data_budget=")] + [f"data_budget={budget}"])
+        assert cfg.data.pairs_per_epoch == 1024 and cfg.trainer.max_epochs == 10 and cfg.method._target_.endswith("SimCLR")
+        frames[cfg.data.patient_fraction] = cfg.data.frames_per_video
+    assert frames == {0.25: 32, 0.5: 16, 1.0: 8}  # equal distinct frames: share x frames per video
+    finetune = composed("finetune", [a.split(",")[0] for a in calls["fetalssl-finetune"][1:]])
+    assert finetune.init.pretrain_sweep == f"{tmp_path / 'out'}/pretrain_sweep/variance"
+    assert finetune.finetune_mode.cache_features and "seed=0,1,2" in calls["fetalssl-finetune"]
+
+
 PRETRAINING_PRESETS = [p for p in choices("experiment") if "package _global_" in (CONF / "experiment" / f"{p}.yaml").read_text()
-                       and "finetune" not in p and p != "paper_grid"]
+                       and "finetune" not in p and p not in ("paper_grid", "published_baselines")]
 
 
 # ResNet-50 presets take ~10x longer per step on a CPU: in the slow suite.

@@ -6,6 +6,7 @@ so the README's own arguments are all used. Paths that stand for the user's data
 /weights/...) point at generated data. Commands covered elsewhere are listed in COVERED_ELSEWHERE.
 """
 
+import csv
 import json
 import re
 import subprocess
@@ -82,7 +83,7 @@ def ok_metrics(sweep: Path) -> list[dict]:
 
 def test_every_readme_command_is_run_by_a_test():
     tested = {c for name in ("fetalssl-demo-data demo/", "fetalssl-demo-data scans/", "fetalssl-demo-data variance/",
-                             "for m in",
+                             "for m in", "fetalssl-finetune -m experiment=published_baselines",
                              "fetalssl-predict model=outputs", "fetalssl-export")
               for c in commands(block_with(name))}
     shown = {c for b in readme_blocks() for c in commands(b)}
@@ -149,3 +150,37 @@ def test_readme_two_level_sweep_block_runs_as_written(tmp_path):
     assert len(runs) == 3 * 2 and {r["grid"]["pretrain.patient_fraction"] for r in runs} == {0.25, 0.5, 1.0}
     report = tmp_path / "outputs" / "finetune_sweep" / "variance" / "report"
     assert (report / "test_macro_f1_vs_pretraining.png").is_file() and (report / "comparisons.csv").is_file()
+
+
+def test_readme_published_baselines_block_runs_as_written(tmp_path):
+    from conftest import small_demo_data
+    from test_open_clip import write_clip
+
+    data = small_demo_data(tmp_path / "stills", video_patients=2)
+    (tmp_path / "fetalclip").mkdir()
+    write_clip(tmp_path / "fetalclip", "FetalCLIP_config")  # a tiny OpenCLIP model under FetalCLIP's file names
+    (tmp_path / "fetalclip" / "FetalCLIP_config.pt").rename(tmp_path / "fetalclip" / "FetalCLIP_weights.pt")
+    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), tmp_path / "usfm.pth")
+    torch.save(timm.create_model("resnet50", num_classes=1000).state_dict(), tmp_path / "resnet50.pth")
+    for method in ("simclr", "barlowtwins", "vicreg"):  # stand-ins for the user's pretraining runs
+        run = tmp_path / "outputs" / "pretrain" / method / "own"
+        run.mkdir(parents=True)
+        torch.save(timm.create_model("resnet50", num_classes=0).state_dict(), run / "backbone.pt")
+    run_block(block_with("fetalssl-finetune -m experiment=published_baselines"), tmp_path, {
+        "/data/stills": str(data), "/weights/resnet50_a1_in1k.pth": str(tmp_path / "resnet50.pth"),
+        "/models/fetalclip": str(tmp_path / "fetalclip"),
+        "/models/USFM_latest.pth": f"{tmp_path / 'usfm.pth'} init.architecture=resnet18",  # a ViT-B at 32 px: no
+        "run_id=published/trained": "run_id=published/trained seed=0 data_fraction=pct100"})
+    sweep = tmp_path / "outputs" / "finetune_sweep" / "published"
+    trained = ok_metrics(sweep / "trained")
+    assert {(r["grid"]["init"], r["grid"]["method"]) for r in trained} == {
+        ("random", None), ("imagenet", None), ("ssl", "simclr"), ("ssl", "barlowtwins"), ("ssl", "vicreg"),
+        ("open_clip", "FetalCLIP"), ("timm_file", "USFM")}
+    assert len(trained) == 7 * 2 and {r["grid"]["finetune_mode"] for r in trained} == {"linear", "knn(k=20,T=0.07)"}
+    zeroshot = ok_metrics(sweep / "zeroshot")
+    assert sorted(r["grid"]["fraction"] for r in zeroshot) == [0.01, 0.1, 1.0]
+    assert len({r["test"]["macro_f1"] for r in zeroshot}) == 1  # no training label used: one answer
+    with (sweep / "report" / "comparisons.csv").open() as f:
+        pairs = {(r["a"], r["mode_a"], r["b"], r["mode_b"]) for r in csv.DictReader(f)}
+    assert ("open_clip:FetalCLIP", "zeroshot", "ssl:barlowtwins", "linear") in pairs
+    assert ("open_clip:FetalCLIP", "linear", "ssl:barlowtwins", "linear") in pairs
