@@ -210,7 +210,8 @@ def test_run_writes_files_and_metrics_match_sklearn(tmp_path, cache_features):
     assert saved["status"] == "ok" and saved == json.loads(json.dumps(result))
     assert saved["grid"] == {"init": "random", "method": None, "fraction": 0.5, "finetune_mode": "linear",
                              "seed": 0, "backbone": "resnet18", "fold": None, "folds": None, "scan": "keep",
-                             "scan_detector": instantiate(cfg.data.scan).detector_key(), "normalization": "0.5/0.25"}
+                             "scan_detector": instantiate(cfg.data.scan).detector_key(), "normalization": "0.5/0.25",
+                             "pad_to_square": False}
     rows = _read_predictions(out / "predictions.csv")
     assert list(rows[0]) == ["image_path", "patient_id", "video", "label", "pred", *(f"prob_{c}" for c in CLASSES)]
     for row in rows:

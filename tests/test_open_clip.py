@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from conftest import init_config
 from fetalssl.data.transforms import pad_to_square, to_normalised_tensor
 from fetalssl.finetune.init import build_backbone, input_overrides
-from fetalssl.finetune.modes import last_stage_name
+from fetalssl.finetune.modes import last_stage_name, set_trainable
 from fetalssl.finetune.run import NORMALIZATION_FILE, run_finetune
 from fetalssl.models.open_clip_tower import class_text_embeddings, read_prompts, tokenizer_for
 from test_downstream import CLASSES, make_images
@@ -51,7 +51,8 @@ def test_open_clip_init_is_open_clips_encode_image_and_dictates_the_input(tmp_pa
         torch.testing.assert_close(backbone(x), model.encode_image(x), atol=1e-5, rtol=0)
     assert backbone.num_features == 16
     assert record["config"] == str(config_path.resolve()) and record["path"] == str(weights.resolve())
-    assert last_stage_name(backbone) == "visual.transformer.resblocks.1"  # finetune_mode=partial trains it
+    assert last_stage_name(backbone) == "visual.transformer.resblocks.1"  # finetune_mode=partial trains it ...
+    assert "projection.weight" in set_trainable(backbone, "last_stage")  # ... and the projection applied after it
 
     assert input_overrides(clip_init(config_path, weights, pad_to_square=True)) == {
         "image_size": 32, "channels": 3, "pad_to_square": True,
@@ -74,13 +75,32 @@ def test_per_channel_normalisation_and_square_padding():
     assert padded.shape == (5, 5) and padded[1:3].min() == 7 and padded[[0, 3, 4]].max() == 0
 
 
+def test_padding_and_per_channel_values_key_the_feature_cache_and_the_grid(tmp_path):
+    from fetalssl.finetune.features import images_digest
+    from fetalssl.finetune.run import normalization_label
+    from test_downstream import datamodule
+
+    source = make_images(tmp_path, 10, 2)
+    digests = set()
+    for overrides in ({}, {"pad_to_square": True}, {"mean": [0.5, 0.4, 0.3], "std": [0.25, 0.25, 0.25]}):
+        images = datamodule(source, **overrides)
+        images.setup()
+        digests.add(images_digest(images.dataset("test")))
+    assert len(digests) == 3
+    assert normalization_label([0.5, 0.4, 0.3], [0.25, 0.25, 0.25]) == "0.5,0.4,0.3/0.25,0.25,0.25"
+    assert normalization_label(0.5, 0.25) == "0.5/0.25" and normalization_label(None, None) == "measured"
+
+
 def test_zeroshot_run_gives_open_clips_own_probabilities_without_training_labels(tmp_path):
     config_path, weights, model = write_clip(tmp_path)
     prompts = {c: f"an ultrasound image of the {c} view" for c in CLASSES}
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     cfg = finetune_cfg(make_images(tmp_path, 10, 2), "zeroshot")
     cfg.init = clip_init(config_path, weights, prompts=str(tmp_path / "prompts.json"), pad_to_square=True)
+    cfg.feature_cache_dir = str(tmp_path / "cache")
     result = run_finetune(cfg, tmp_path / "run")
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # val and test embedded; the training split is not
+    assert result["grid"]["pad_to_square"] is True and result["grid"]["normalization"] == "init"
 
     assert result["status"] == "ok" and result["grid"]["finetune_mode"] == "zeroshot"
     assert result["grid"]["init"] == "open_clip" and result["grid"]["method"] == "TinyCLIP"
@@ -170,9 +190,14 @@ def test_timm_file_loads_under_a_prefix_strictly_or_reports_what_stayed_random(t
 def test_fetalclip_preset_points_at_the_two_published_files_and_pads():
     from hydra import compose, initialize_config_module
 
+    from fetalssl.finetune.run import config_key
+
     with initialize_config_module("fetalssl.conf", version_base="1.3"):
         cfg = compose("finetune", overrides=["init=fetalclip", "finetune_mode=zeroshot", "data.root=unused",
                                              "paths.fetalclip=/models/fetalclip"])
+        other_files = compose("finetune", overrides=["init=fetalclip", "finetune_mode=zeroshot", "data.root=unused",
+                                                     "paths.fetalclip=/models/other"])
+    assert config_key(cfg) != config_key(other_files)  # a rerun with other model files is not skipped as done
     assert cfg.init.name == "open_clip" and cfg.init.pad_to_square is True
     assert (cfg.init.config, cfg.init.checkpoint) == ("/models/fetalclip/FetalCLIP_config.json",
                                                       "/models/fetalclip/FetalCLIP_weights.pt")

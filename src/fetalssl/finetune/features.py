@@ -39,9 +39,10 @@ def weights_digest(module: nn.Module) -> str:
 
 def images_digest(dataset: LabelledImageDataset) -> str:
     """sha256 over what turns the dataset's files into tensors: each file's path, size and mtime, in order,
-    the transform (albumentations' repr lists every parameter), the scan options and the normalisation."""
+    the transform (albumentations' repr lists every parameter), the padding, the scan options and the
+    normalisation."""
     digest = hashlib.sha256(repr((dataset.transform, dataset.mean, dataset.std, dataset.channels,
-                                  dataset.image_size, dataset.scan.key())).encode())
+                                  dataset.image_size, dataset.scan.key(), dataset.pad_square)).encode())
     for row in dataset.rows:
         stat = row.path.stat()
         digest.update(f"{row.path}|{stat.st_size}|{stat.st_mtime_ns}|{row.label}\n".encode())

@@ -23,13 +23,14 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from fetalssl.data.downstream import DownstreamDataModule
 from fetalssl.evaluation import weighted_knn_probs
 from fetalssl.finetune import hog
 from fetalssl.finetune.classifier import PlaneClassifier
-from fetalssl.finetune.features import CachedFeatureDataModule
+from fetalssl.finetune.features import CachedFeatureDataModule, cached_extract_features, weights_digest
 from fetalssl.finetune.init import (
     build_backbone,
     input_overrides,
@@ -65,11 +66,24 @@ PREDICTION_FILES = {"test": "predictions.csv", "val": "val_predictions.csv"}
 RUN_LOCATION_KEYS = ("paths", "hydra")
 
 
+INIT_FILE_KEYS = ("checkpoint", "config", "pretrained_path")
+
+
+def _resolved_or_none(node: DictConfig, key: str) -> Any:
+    try:
+        return OmegaConf.select(node, key, throw_on_missing=False)
+    except OmegaConfBaseException:  # an interpolation into a config without that key: nothing to resolve
+        return None
+
+
 def config_key(cfg: DictConfig) -> str:
-    """sha256 of the config as written (interpolations unresolved), output locations left out."""
+    """sha256 of the config as written (interpolations unresolved), output locations left out, plus the init's
+    weight and model files resolved: they may come from paths.* (paths.fetalclip), so other files give another
+    key."""
     container = OmegaConf.to_container(cfg, resolve=False)
     for key in RUN_LOCATION_KEYS:
         container.pop(key, None)
+    container["init_files"] = {key: _resolved_or_none(cfg.init, key) for key in INIT_FILE_KEYS}
     return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -97,6 +111,15 @@ def pretraining_of(init_cfg: DictConfig) -> dict[str, Any] | None:
     return pretraining_record(resolve_init_weights(init_cfg).parent)
 
 
+def normalization_label(mean, std) -> str:
+    """"measured", "0.5/0.25", or per channel "0.4,0.4,0.4/0.2,0.2,0.2"."""
+    if mean is None:
+        return "measured"
+    if isinstance(mean, int | float):
+        return f"{mean:g}/{std:g}"
+    return ",".join(f"{m:g}" for m in mean) + "/" + ",".join(f"{v:g}" for v in std)
+
+
 def backbone_name(cfg: DictConfig) -> str:
     """The architecture a run fine-tunes: conf/backbone's, or the one its init brings."""
     if cfg.init.name == "open_clip":
@@ -118,8 +141,8 @@ def grid_point(cfg: DictConfig) -> dict[str, Any]:
             "seed": int(cfg.seed), "backbone": backbone_name(cfg),
             "fold": None if cfg.data.folds is None else int(cfg.data.fold), "folds": cfg.data.folds,
             "scan": scan.label, "scan_detector": scan.detector_key(),
-            "normalization": ("init" if dictated else "measured" if cfg.data.mean is None
-                              else f"{cfg.data.mean:g}/{cfg.data.std:g}"),
+            "normalization": "init" if dictated else normalization_label(cfg.data.mean, cfg.data.std),
+            "pad_to_square": bool(dictated.get("pad_to_square", cfg.data.pad_to_square)),
             **(pretraining_grid_keys(pretraining) if pretraining else {})}
 
 
@@ -253,11 +276,15 @@ def _zeroshot_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     prompts = read_prompts(given if isinstance(given, str) else OmegaConf.to_container(given), images.classes,
                            source=given if isinstance(given, str) else "init.prompts")
     clip, init_weights = open_clip_model(cfg.init)
-    features = CachedFeatureDataModule.from_images(ImageTower(clip), images, torch.device("cpu"),
-                                                   cache_dir=cfg.feature_cache_dir).features
+    tower = ImageTower(clip)
+    cache = None if cfg.feature_cache_dir is None else Path(cfg.feature_cache_dir)
+    weights = weights_digest(tower) if cache is not None else None
     classes = class_text_embeddings(clip, tokenizer_for(cfg.init.config), prompts)
     scale = clip.logit_scale.exp().detach()
-    probs = {split: zeroshot_probs(features[split][0], classes, scale) for split in PREDICTION_FILES}
+    probs = {}
+    for split in PREDICTION_FILES:  # the training split is never embedded: zero-shot has no use for it
+        features, _ = cached_extract_features(tower, images.loader(split), torch.device("cpu"), cache, weights)
+        probs[split] = zeroshot_probs(features, classes, scale)
     return {**_write_outputs(images, probs, output_dir), "init_weights": init_weights, "prompts": prompts,
             "train_size": 0, "train_class_counts": dict.fromkeys(images.classes, 0)}
 
@@ -272,8 +299,10 @@ def run_finetune(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """Train, select on `cfg.monitor`, test, and write the run's files; returns the metrics.json content."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"status": "failed", "grid": grid_point(cfg), "config_key": config_key(cfg)}
+    result: dict[str, Any] = {"status": "failed", "grid": {"fraction": cfg.data.fraction, "seed": cfg.seed},
+                              "config_key": config_key(cfg)}
     try:
+        result["grid"] = grid_point(cfg)  # reads init files: an error here is a failed run like any other
         evaluate = (_hog_baseline if cfg.init.name == "hog" else
                     _knn_evaluate if cfg.finetune_mode.name == "knn" else
                     _zeroshot_evaluate if cfg.finetune_mode.name == "zeroshot" else _train_and_evaluate)

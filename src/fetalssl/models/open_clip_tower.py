@@ -113,18 +113,38 @@ def load_clip(config_path: str | Path, weights_path: str | Path, trust_pickle: b
     return model.eval()
 
 
+class Projection(nn.Module):
+    """``x @ weight``: the image projection of an OpenCLIP ViT as a module of its own."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight
+
+
 class ImageTower(nn.Module):
     """The image encoder of an OpenCLIP model as a backbone: ``forward(x)`` is the model's
     ``encode_image(x)`` (pooled output through the image projection, not L2-normalised), ``num_features`` its
-    embedding size. Only the image tower's weights are held."""
+    embedding size. Only the image tower's weights are held.
+
+    A ViT tower's projection matrix is a parameter of the tower's root, listed before its blocks; it moves into
+    the child module ``projection`` registered after the tower (it is applied last), so that
+    finetune_mode=partial, which trains the last block and every parameter after it, trains it too. The tower
+    taken from `clip` loses it."""
 
     def __init__(self, clip: nn.Module):
         super().__init__()
         self.visual = clip.visual
         self.num_features = int(clip.visual.output_dim)
+        weight = getattr(self.visual, "proj", None)
+        self.projection = Projection(weight) if isinstance(weight, nn.Parameter) else nn.Identity()
+        if isinstance(weight, nn.Parameter):
+            self.visual.proj = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.visual(x)
+        return self.projection(self.visual(x))
 
 
 def read_prompts(given: str | Path | Mapping, classes: Sequence[str], source: str) -> dict[str, list[str]]:

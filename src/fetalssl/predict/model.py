@@ -110,6 +110,9 @@ def meta_from_run_config(cfg: DictConfig, classes: list[str], run_dir: Path) -> 
     """``classes``: what the classifier was trained on (its checkpoint's), since data.classes may be inferred.
     The normalisation is the one the run wrote to normalization.json (measured or from the config)."""
     check_eval_transform(cfg.data, run_dir)
+    if OmegaConf.select(cfg, "data.pad_to_square"):
+        raise ValueError(f"{run_dir}: trained with data.pad_to_square=true, which the plane finder and exported "
+                         "models do not reproduce yet")
     normalization = run_dir / NORMALIZATION_FILE
     if normalization.is_file():
         values = json.loads(normalization.read_text())
@@ -123,6 +126,9 @@ def meta_from_run_config(cfg: DictConfig, classes: list[str], run_dir: Path) -> 
     scan = OmegaConf.to_container(scan_cfg, resolve=True)
     scan.pop("_target_")
     scan["detector"].pop("_target_")
+    if not isinstance(values["mean"], int | float):
+        raise ValueError(f"{run_dir}: per-channel normalisation {values['mean']} is not supported by the plane "
+                         "finder and exported models yet")
     return ModelMeta(classes=list(classes), image_size=int(cfg.data.image_size), channels=int(cfg.data.channels),
                      mean=float(values["mean"]), std=float(values["std"]), scan=scan)
 
