@@ -15,6 +15,7 @@ from fetalssl.losses import (
     moco_loss,
     nt_xent_loss,
     reconstruction_loss,
+    simsiam_loss,
     vicreg_loss,
 )
 
@@ -234,3 +235,16 @@ def test_gather_equals_global_batch_loss():
             # Gradients are summed over ranks' losses; DDP's averaging then divides by world size.
             assert torch.allclose(ga / world, a.grad[r * 4:(r + 1) * 4]), name
             assert torch.allclose(gb / world, b.grad[r * 4:(r + 1) * 4]), name
+
+
+def test_simsiam_is_the_negative_mean_cosine_and_stops_the_target_gradient():
+    g = torch.Generator().manual_seed(0)
+    p, z = torch.randn(6, 5, generator=g, requires_grad=True), torch.randn(6, 5, generator=g, requires_grad=True)
+    expected = -sum(float(p[i] @ z[i] / (p[i].norm() * z[i].norm())) for i in range(6)) / 6
+    loss = simsiam_loss(p, z, stop_gradient=True)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert z.grad is None and p.grad is not None and p.grad.abs().sum() > 0
+    p.grad = None
+    simsiam_loss(p, z, stop_gradient=False).backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0  # the ablation lets it through

@@ -17,6 +17,7 @@ from fetalssl.losses import (
     moco_loss,
     nt_xent_loss,
     reconstruction_loss,
+    simsiam_loss,
     vicreg_loss,
 )
 from fetalssl.models.ema import cosine_tau
@@ -28,6 +29,7 @@ NOT_THE_PAPERS = {  # every coefficient away from its default, so a value left a
     "simclr": {"temperature": 0.9},
     "moco": {"temperature": 0.7, "shuffle_bn": False},
     "byol": {},
+    "simsiam": {},
 }
 
 
@@ -61,6 +63,9 @@ def reference(name, model, v1, v2):
         with torch.no_grad():
             t1, t2 = (model.target_projector(model.target_backbone(v)) for v in (v1, v2))
         return byol_loss(model.predictor(z1), t2) + byol_loss(model.predictor(z2), t1)
+    if name == "simsiam":
+        p1, p2 = model.predictor(z1), model.predictor(z2)
+        return -(F.cosine_similarity(p1, z2).mean() + F.cosine_similarity(p2, z1).mean()) / 2
     raise KeyError(name)
 
 
@@ -92,6 +97,18 @@ def test_byol_loss_has_both_directions():
         forward, backward = byol_loss(model.predictor(z1), t2), byol_loss(model.predictor(z2), t1)
         assert not math.isclose(forward.item(), backward.item(), rel_tol=1e-3)
         assert model.loss(batch(v1, v2)).item() == pytest.approx((forward + backward).item(), rel=1e-5)
+
+
+def test_simsiam_gradient_reaches_the_encoder_only_through_the_predictor_side_unless_ablated():
+    torch.manual_seed(0)
+    v1, v2 = views()
+    for stop_gradient in (True, False):
+        model = build("simsiam", stop_gradient=stop_gradient).train()
+        z2 = model.projector(model.backbone(v2))
+        z2.retain_grad()
+        p1 = model.predictor(model.projector(model.backbone(v1)))
+        simsiam_loss(p1, z2, stop_gradient).backward()
+        assert (z2.grad is None) == stop_gradient  # stopgrad(z): no gradient flows into the target branch
 
 
 def test_autoencoder_reconstructs_view1_and_inpainting_fills_holes_against_the_clean_frame():

@@ -26,7 +26,7 @@ from fetalssl.models.heads import MLP
 from fetalssl.models.optim import LARS
 
 CONF = Path(fetalssl.__file__).parent / "conf"
-METHODS = ["barlowtwins", "vicreg", "simclr", "byol", "moco", "autoencoder", "inpainting"]
+METHODS = ["barlowtwins", "vicreg", "simclr", "byol", "moco", "simsiam", "autoencoder", "inpainting"]
 DATA = {"batch_size": 8, "channels": 1, "image_size": 32}
 SMALL_HEAD = {"hidden_dims": [32], "out_dim": 16}
 SMALL = {  # shrink the paper-sized heads so the test runs in seconds
@@ -34,6 +34,7 @@ SMALL = {  # shrink the paper-sized heads so the test runs in seconds
     "vicreg": {"projector": SMALL_HEAD},
     "simclr": {"projector": SMALL_HEAD},
     "byol": {"projector": SMALL_HEAD, "predictor": SMALL_HEAD},
+    "simsiam": {"projector": SMALL_HEAD, "predictor": {"hidden_dims": [8], "out_dim": 16}},
     "moco": {"projector": SMALL_HEAD, "queue_size": 32, "shuffle_bn_groups": 2},
     "autoencoder": {"decoder": {"channels": [16, 16, 8, 8, 8]}},
     "inpainting": {"decoder": {"channels": [16, 16, 8, 8, 8]}},
@@ -206,3 +207,52 @@ def test_method_selects_its_papers_views_unless_overridden(method, preset):
         overridden = compose("train", overrides=[f"method={method}", "augment=ultrasound"], return_hydra_config=True)
     assert cfg.hydra.runtime.choices.augment == preset
     assert overridden.hydra.runtime.choices.augment == "ultrasound"
+
+
+def test_rank_and_std_monitors_match_their_formulas_and_flag_a_constant_output():
+    from fetalssl.methods.monitor import effective_rank, normalised_std
+
+    z = torch.diag(torch.tensor([3.0, 1.0, 0.0])) + 0.0  # singular values 3, 1, 0
+    p = torch.tensor([0.75, 0.25])
+    assert effective_rank(z) == pytest.approx(math.exp(-(p * p.log()).sum().item()), rel=1e-6)
+    assert effective_rank(torch.eye(8)) == pytest.approx(8, rel=1e-6)
+    spread = torch.nn.functional.normalize(torch.randn(4000, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    assert normalised_std(spread) * 16 ** 0.5 == pytest.approx(1.0, abs=0.02)  # uniform on the sphere: 1/sqrt(d)
+    assert normalised_std(torch.ones(10, 16)) == 0.0 and effective_rank(torch.ones(10, 16)) == pytest.approx(1.0)
+
+
+class _Collapsing(L.LightningModule):
+    """A method whose backbone maps every input to (nearly) one point, or not."""
+
+    def __init__(self, collapsed: bool):
+        super().__init__()
+        self.backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 32))
+        self.projector = torch.nn.Linear(32, 8)
+        self.collapsed = collapsed
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+@pytest.mark.parametrize("collapsed", [True, False])
+def test_collapse_monitor_logs_both_embeddings_and_warns_only_for_a_collapsed_run(collapsed, caplog):
+    from fetalssl.methods.monitor import CollapseMonitor
+
+    torch.manual_seed(0)
+    module = _Collapsing(collapsed)
+    if collapsed:
+        with torch.no_grad():
+            module.backbone[1].weight.mul_(1e-6)  # the output is the bias: one point for every input
+    logged = {}
+    module.log = lambda name, value: logged.__setitem__(name, value)
+    monitor = CollapseMonitor(max_samples=24, min_rankme=2.0, min_std_x_sqrt_d=0.01)
+    fake_trainer = type("T", (), {"sanity_checking": False, "current_epoch": 3})()
+    monitor.on_validation_epoch_start(fake_trainer, module)
+    for i in range(4):  # 4 batches of 8: only the first 24 views count
+        views = torch.randn(8, 1, 32, 32, generator=torch.Generator().manual_seed(i))
+        monitor.on_validation_batch_end(fake_trainer, module, None, {"view1": views}, i)
+    with caplog.at_level("WARNING", logger="fetalssl.methods.monitor"):
+        monitor.on_validation_epoch_end(fake_trainer, module)
+    assert set(logged) == {f"monitor/{w}_{m}" for w in ("backbone", "projector") for m in ("rankme", "std_x_sqrt_d")}
+    assert (logged["monitor/backbone_rankme"] < 2.0) == collapsed
+    assert ("backbone embeddings have collapsed" in caplog.text) == collapsed

@@ -125,6 +125,12 @@ def byol_loss(p: Tensor, z: Tensor) -> Tensor:
     return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=1)).mean()
 
 
+def simsiam_loss(p: Tensor, z: Tensor, stop_gradient: bool) -> Tensor:
+    """Chen & He 2021: D(p, stopgrad(z)) = -cos(p, z) averaged over the batch. stop_gradient=False is the paper's
+    collapsing ablation (section 4.1), kept only to show that the collapse monitor catches it."""
+    return -F.cosine_similarity(p, z.detach() if stop_gradient else z, dim=1).mean()
+
+
 def moco_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
     """He et al. 2020 / Chen et al. 2020 (MoCo v2) InfoNCE.
 

@@ -1,4 +1,5 @@
-"""Online representation monitor: linear probe (and optional kNN) on frozen backbone features."""
+"""Online representation monitors: linear probe (and optional kNN) on frozen backbone features, and collapse /
+rank monitors on the validation views."""
 
 from __future__ import annotations
 
@@ -86,3 +87,58 @@ class LinearProbeMonitor(L.Callback):
             metrics["probe/knn_acc"] = float((knn_pred == y_val).float().mean())
         log.info("probe: %s", metrics)
         return metrics
+
+
+def effective_rank(z: Tensor) -> float:
+    """RankMe (Garrido et al. 2023): exp of the entropy of the normalised singular values of the embeddings
+    (N, D); between 1 (every embedding on one line) and min(N, D) (all directions used alike)."""
+    s = torch.linalg.svdvals(z.double())
+    p = s / s.sum() + 1e-12
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def normalised_std(z: Tensor) -> float:
+    """Mean over dimensions of the std of the L2-normalised embeddings: about 1/sqrt(D) for embeddings spread
+    over the sphere, 0 when every input maps to one point (SimSiam's collapse measure, Chen & He 2021, fig. 2)."""
+    return float(torch.nn.functional.normalize(z.double(), dim=1).std(dim=0).mean())
+
+
+class CollapseMonitor(L.Callback):
+    """On every validation epoch, the embeddings of the first ``max_samples`` validation views (view1), from the
+    backbone and, for methods that have one, from the projector (what the loss sees): logs
+    ``monitor/<where>_rankme`` and ``monitor/<where>_std_x_sqrt_d`` (normalised std times sqrt(D): 1 for
+    embeddings spread over the sphere, about 0.1-0.2 for a ResNet's non-negative pooled features, 0 when
+    collapsed), and warns when either falls below its threshold."""
+
+    def __init__(self, max_samples: int, min_rankme: float, min_std_x_sqrt_d: float):
+        self.max_samples = max_samples
+        self.min_rankme = min_rankme
+        self.min_std_x_sqrt_d = min_std_x_sqrt_d
+        self._embeddings: dict[str, list[Tensor]] = {}
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._embeddings = {}
+
+    @torch.no_grad()
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if sum(len(z) for z in self._embeddings.get("backbone", [])) >= self.max_samples:
+            return
+        features = pl_module.backbone(batch["view1"])
+        self._embeddings.setdefault("backbone", []).append(features.float().cpu())
+        projector = getattr(pl_module, "projector", None)
+        if projector is not None:
+            self._embeddings.setdefault("projector", []).append(projector(features).float().cpu())
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        for where, parts in self._embeddings.items():
+            z = torch.cat(parts)[: self.max_samples]
+            rank, spread = effective_rank(z), normalised_std(z) * z.shape[1] ** 0.5
+            pl_module.log(f"monitor/{where}_rankme", rank)
+            pl_module.log(f"monitor/{where}_std_x_sqrt_d", spread)
+            if rank < self.min_rankme or spread < self.min_std_x_sqrt_d:
+                log.warning("epoch %d: the %s embeddings have collapsed: effective rank %.2f (warn below %g), "
+                            "normalised std x sqrt(D) %.3f (warn below %g) over %d validation views",
+                            trainer.current_epoch, where, rank, self.min_rankme, spread, self.min_std_x_sqrt_d,
+                            len(z))
