@@ -102,6 +102,7 @@ def _ddp_worker(rank, port, results):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes over gloo: half a minute on 2 cores
 def test_shuffle_bn_across_two_ranks_mixes_the_ranks_samples_and_restores_each_ranks_own():
     results = mp.Manager().dict()
     mp.spawn(_ddp_worker, args=(_free_port(), results), nprocs=2, join=True)
