@@ -13,6 +13,8 @@ from fetalssl.losses import (
     barlow_twins_loss,
     byol_loss,
     moco_loss,
+    nearest_neighbours,
+    nnclr_loss,
     nt_xent_loss,
     reconstruction_loss,
     simsiam_loss,
@@ -248,3 +250,23 @@ def test_simsiam_is_the_negative_mean_cosine_and_stops_the_target_gradient():
     p.grad = None
     simsiam_loss(p, z, stop_gradient=False).backward()
     assert z.grad is not None and z.grad.abs().sum() > 0  # the ablation lets it through
+
+
+def test_nnclr_neighbour_is_the_most_cosine_similar_support_row_and_the_loss_is_its_infonce():
+    g = torch.Generator().manual_seed(0)
+    support = torch.randn(10, 4, generator=g)
+    z = torch.randn(5, 4, generator=g, requires_grad=True)
+    nn = nearest_neighbours(z, support)
+    for i in range(5):
+        cos = [float(z[i] @ q / (z[i].norm() * q.norm())) for q in support]
+        assert torch.equal(nn[i], support[max(range(10), key=cos.__getitem__)])
+    p = torch.randn(5, 4, generator=g, requires_grad=True)
+    loss = nnclr_loss(nn, p, temperature=0.3, gather=False)
+    unit = lambda v: v / v.norm()  # noqa: E731
+    expected = 0.0
+    for i in range(5):
+        logits = [float(unit(nn[i]) @ unit(p[k])) / 0.3 for k in range(5)]
+        expected += -(logits[i] - math.log(sum(math.exp(x) for x in logits))) / 5
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert z.grad is None and p.grad.abs().sum() > 0  # the neighbour is a constant for the gradient

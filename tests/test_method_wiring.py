@@ -15,6 +15,8 @@ from fetalssl.losses import (
     barlow_twins_loss,
     byol_loss,
     moco_loss,
+    nearest_neighbours,
+    nnclr_loss,
     nt_xent_loss,
     reconstruction_loss,
     simsiam_loss,
@@ -30,6 +32,7 @@ NOT_THE_PAPERS = {  # every coefficient away from its default, so a value left a
     "moco": {"temperature": 0.7, "shuffle_bn": False},
     "byol": {},
     "simsiam": {},
+    "nnclr": {"temperature": 0.7},
 }
 
 
@@ -63,6 +66,10 @@ def reference(name, model, v1, v2):
         with torch.no_grad():
             t1, t2 = (model.target_projector(model.target_backbone(v)) for v in (v1, v2))
         return byol_loss(model.predictor(z1), t2) + byol_loss(model.predictor(z2), t1)
+    if name == "nnclr":
+        p1, p2 = model.predictor(z1), model.predictor(z2)
+        nn1, nn2 = nearest_neighbours(z1, model.support), nearest_neighbours(z2, model.support)
+        return (nnclr_loss(nn1, p2, 0.7, gather=False) + nnclr_loss(nn2, p1, 0.7, gather=False)) / 2
     if name == "simsiam":
         p1, p2 = model.predictor(z1), model.predictor(z2)
         return -(F.cosine_similarity(p1, z2).mean() + F.cosine_similarity(p2, z1).mean()) / 2

@@ -26,7 +26,7 @@ from fetalssl.models.heads import MLP
 from fetalssl.models.optim import LARS
 
 CONF = Path(fetalssl.__file__).parent / "conf"
-METHODS = ["barlowtwins", "vicreg", "simclr", "byol", "moco", "simsiam", "autoencoder", "inpainting"]
+METHODS = ["barlowtwins", "vicreg", "simclr", "byol", "moco", "simsiam", "nnclr", "autoencoder", "inpainting"]
 DATA = {"batch_size": 8, "channels": 1, "image_size": 32}
 SMALL_HEAD = {"hidden_dims": [32], "out_dim": 16}
 SMALL = {  # shrink the paper-sized heads so the test runs in seconds
@@ -35,6 +35,7 @@ SMALL = {  # shrink the paper-sized heads so the test runs in seconds
     "simclr": {"projector": SMALL_HEAD},
     "byol": {"projector": SMALL_HEAD, "predictor": SMALL_HEAD},
     "simsiam": {"projector": SMALL_HEAD, "predictor": {"hidden_dims": [8], "out_dim": 16}},
+    "nnclr": {"projector": SMALL_HEAD, "predictor": {"hidden_dims": [8], "out_dim": 16}, "support_size": 32},
     "moco": {"projector": SMALL_HEAD, "queue_size": 32, "shuffle_bn_groups": 2},
     "autoencoder": {"decoder": {"channels": [16, 16, 8, 8, 8]}},
     "inpainting": {"decoder": {"channels": [16, 16, 8, 8, 8]}},
@@ -94,6 +95,8 @@ def test_method_trains_checkpoints_and_exports_backbone(method, tmp_path):
     ckpt = load_weights(tmp_path / "ckpt" / "last.ckpt", trust_pickle=False, switch="backbone.trust_pickle")
     if method == "moco":  # the queue is a buffer, so it is checkpointed
         assert torch.equal(ckpt["state_dict"]["queue"], model.queue) and ckpt["state_dict"]["queue_ptr"] == 16
+    if method == "nnclr":  # so is the support set, filled after each optimiser step with that step's embeddings
+        assert torch.equal(ckpt["state_dict"]["support"], model.support) and ckpt["state_dict"]["support_ptr"] == 16
     if method == "simclr":
         for key in ("probe/acc", "probe/macro_f1", "probe/knn_acc"):
             assert 0.0 <= t.callback_metrics[key].item() <= 1.0
@@ -256,3 +259,15 @@ def test_collapse_monitor_logs_both_embeddings_and_warns_only_for_a_collapsed_ru
     assert set(logged) == {f"monitor/{w}_{m}" for w in ("backbone", "projector") for m in ("rankme", "std_x_sqrt_d")}
     assert (logged["monitor/backbone_rankme"] < 2.0) == collapsed
     assert ("backbone embeddings have collapsed" in caplog.text) == collapsed
+
+
+def test_nnclr_support_set_fills_in_training_only_one_batch_per_step(tmp_path):
+    torch.manual_seed(0)
+    model = build("nnclr", warmup_epochs=0)
+    start = model.support.clone()
+    trainer(tmp_path / "val", max_steps=1).validate(model, loader(), verbose=False)
+    assert torch.equal(model.support, start) and model.support_ptr.item() == 0 and not model._pending
+    trainer(tmp_path / "fit", max_steps=1).fit(model, loader())
+    assert model.support_ptr.item() == 8 and torch.equal(model.support[8:], start[8:])
+    assert torch.allclose(model.support[:8].norm(dim=1), torch.ones(8))  # L2-normalised embeddings of that batch
+    assert not torch.equal(model.support[:8], start[:8])

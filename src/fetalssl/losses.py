@@ -131,6 +131,24 @@ def simsiam_loss(p: Tensor, z: Tensor, stop_gradient: bool) -> Tensor:
     return -F.cosine_similarity(p, z.detach() if stop_gradient else z, dim=1).mean()
 
 
+def nearest_neighbours(z: Tensor, support: Tensor) -> Tensor:
+    """NNCLR's NN(z, Q): for each row of z, the most cosine-similar row of the support set (no gradient)."""
+    similarity = F.normalize(z.detach(), dim=1) @ F.normalize(support, dim=1).T
+    return support[similarity.argmax(dim=1)]
+
+
+def nnclr_loss(neighbours: Tensor, p: Tensor, temperature: float, gather: bool) -> Tensor:
+    """Dwibedi et al. 2021 (NNCLR), one direction: InfoNCE with each sample's support-set neighbour as the anchor,
+    its other view's prediction as the positive and the other predictions of the batch as negatives:
+    -log exp(nn_i . p_i / t) / sum_k exp(nn_i . p_k / t), on L2-normalised vectors. The neighbours get no
+    gradient. With ``gather`` the predictions of all ranks are the candidates (the global batch)."""
+    n = p.shape[0]
+    anchors = F.normalize(neighbours.detach(), dim=1)
+    candidates = F.normalize(gather_with_grad(p) if gather else p, dim=1)
+    positives = torch.arange(n, device=p.device) + (_rank() * n if gather else 0)
+    return F.cross_entropy(anchors @ candidates.T / temperature, positives)
+
+
 def moco_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
     """He et al. 2020 / Chen et al. 2020 (MoCo v2) InfoNCE.
 

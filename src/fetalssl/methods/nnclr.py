@@ -1,0 +1,56 @@
+"""NNCLR (Dwibedi et al., 2021): the positive of each view is its nearest neighbour in a support set of past
+embeddings, contrasted against the predictions of the other view."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fetalssl.losses import nearest_neighbours, nnclr_loss
+from fetalssl.methods.base import Batch, SSLMethod
+from fetalssl.models.queue import enqueue_
+
+
+class NNCLR(SSLMethod):
+    """Section 3 of the paper::
+
+        z1, z2 = projector(backbone(view1)), projector(backbone(view2))
+        p1, p2 = predictor(z1), predictor(z2)
+        nn1, nn2 = NN(z1, support), NN(z2, support)          # no gradient
+        loss = (InfoNCE(nn1, p2) + InfoNCE(nn2, p1)) / 2
+        after the optimiser step: enqueue normalize(z1) of the global batch into the support set
+
+    The support set (``support_size`` x D) and its pointer are buffers, so they are checkpointed. As for MoCo's
+    queue, the embeddings of every micro-batch since the last optimiser step (gradient accumulation) and of all
+    ranks are enqueued, so the support set stays identical across ranks.
+    """
+
+    def __init__(self, backbone: nn.Module, projector: Callable[..., nn.Module],
+                 predictor: Callable[..., nn.Module], temperature: float, support_size: int, gather: bool,
+                 **base_kwargs):
+        super().__init__(backbone, **base_kwargs)
+        self.projector = projector(in_dim=backbone.num_features)
+        self.predictor = predictor(in_dim=self.projector.out_dim)
+        self.temperature = temperature
+        self.gather = gather
+        self.register_buffer("support", F.normalize(torch.randn(support_size, self.projector.out_dim), dim=1))
+        self.register_buffer("support_ptr", torch.zeros((), dtype=torch.long))
+        self._pending: list[Tensor] = []
+
+    def loss(self, batch: Batch) -> Tensor:
+        z1 = self.projector(self.backbone(batch["view1"]))
+        z2 = self.projector(self.backbone(batch["view2"]))
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        nn1, nn2 = nearest_neighbours(z1, self.support), nearest_neighbours(z2, self.support)
+        if self.training:  # enqueued after the optimiser step, never from validation
+            self._pending.append(F.normalize(z1.detach(), dim=1))
+        return (nnclr_loss(nn1, p2, self.temperature, self.gather)
+                + nnclr_loss(nn2, p1, self.temperature, self.gather)) / 2
+
+    def after_optimizer_step(self, step: int) -> None:
+        rows = self.all_gather(torch.cat(self._pending)).reshape(-1, self.support.shape[1])
+        enqueue_(self.support, self.support_ptr, rows)
+        self._pending.clear()
