@@ -46,7 +46,8 @@ def test_every_finetuning_choice_composes(group):
 @pytest.mark.parametrize("config, experiment", [("train", "demo"), ("finetune", "demo_finetune"),
                                                 ("finetune", "paper_grid"), ("train", "pocus"),
                                                 ("finetune", "pocus_finetune"), ("train", "data_variance_demo"),
-                                                ("train", "data_variance"), ("finetune", "published_baselines")])
+                                                ("train", "data_variance"), ("finetune", "published_baselines"),
+                                                ("finetune", "all_methods_grid")])
 def test_experiments_compose(config, experiment):
     composed(config, [f"experiment={experiment}", "data.root=/data"])
 
@@ -66,6 +67,17 @@ def test_paper_grid_is_the_papers_540_runs_with_one_label_per_init():
         "autoencoder", "inpainting", "simclr", "moco", "byol", "barlowtwins", "vicreg"}
     assert [c for c in choices("data_fraction")] and {float(composed("finetune", [f"data_fraction={f}",
         "data.root=/d"]).data.fraction) for f in params["data_fraction"]} == {0.01, 0.05, 0.1, 0.25, 0.5, 1.0}
+
+
+def test_all_methods_grid_is_the_paper_grid_over_every_ssl_method():
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("finetune", overrides=["experiment=all_methods_grid"], return_hydra_config=True)
+    params = {k: v.split(",") for k, v in cfg.hydra.sweeper.params.items()}
+    ssl_inits = {i.removeprefix("ssl_") for i in params["init"] if i.startswith("ssl_")}
+    assert ssl_inits == {m for m in choices("method")}  # every method there is, each once
+    assert set(params) == {"init", "data_fraction", "finetune_mode", "seed"}
+    assert len(list(itertools.product(*params.values()))) == (len(ssl_inits) + 2) * 6 * 2 * 5
+    assert cfg.backbone.name == "resnet50" and cfg.data.image_size == 224
 
 
 def test_pocus_reproduction_script_commands_compose(tmp_path):
@@ -179,7 +191,7 @@ def test_pocus_data_variance_script_pretrains_three_budgets_and_fine_tunes_over_
 
 
 PRETRAINING_PRESETS = [p for p in choices("experiment") if "package _global_" in (CONF / "experiment" / f"{p}.yaml").read_text()
-                       and "finetune" not in p and p not in ("paper_grid", "published_baselines")]
+                       and "finetune" not in p and p not in ("paper_grid", "all_methods_grid", "published_baselines")]
 
 
 # In the slow suite: ResNet-50 presets (~10x longer per step on a CPU) and presets built on another one (the
