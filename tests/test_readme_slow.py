@@ -36,6 +36,8 @@ COVERED_ELSEWHERE = {
     "bash scripts/pocus/reproduce.sh outputs/pocus": "tests/test_configs.py::test_pocus_reproduction_script_commands_compose",
     "bash scripts/pocus/cross_validate.sh outputs/pocus_cv":
         "tests/test_configs.py::test_pocus_cross_validation_script_composes_one_pretraining_per_fold_and_scan",
+    "bash scripts/pocus/data_variance.sh outputs/pocus_variance":
+        "tests/test_configs.py::test_pocus_data_variance_script_pretrains_three_budgets_and_fine_tunes_over_that_sweep",
 }
 
 

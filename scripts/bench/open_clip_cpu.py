@@ -62,7 +62,7 @@ def main() -> None:
     data = args.out / "data"
     if not (data / "labels.csv").is_file():
         subprocess.run([str(Path(sys.executable).parent / "fetalssl-demo-data"), str(data), "--patients", "2",
-                        "--videos-per-patient", "1", "--frames", "10", "--still-patients", "10", "--stills",
+                        "--videos-per-patient", "1", "--frames", "30", "--size", "64", "--still-patients", "10", "--stills",
                         str(args.stills), "--still-size", "256"], check=True, capture_output=True)
     config, weights = make_model(args.out / "model")
     cache = args.out / "feature_cache"
