@@ -50,7 +50,7 @@ def make_model(folder: Path) -> tuple[Path, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="scratch folder: data, model, runs (required)")
     parser.add_argument("--stills", type=int, default=100, help="labelled demo stills (all three splits embedded)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child: JSON list of overrides + output dir
     args = parser.parse_args()
@@ -59,6 +59,8 @@ def main() -> None:
         spec = json.loads(args.one)
         print(json.dumps(measure(spec["overrides"], spec["out"])))
         return
+    if args.out is None:
+        parser.error("--out is required")
     data = args.out / "data"
     if not (data / "labels.csv").is_file():
         subprocess.run([str(Path(sys.executable).parent / "fetalssl-demo-data"), str(data), "--patients", "2",
