@@ -80,20 +80,27 @@ def test_all_methods_grid_is_the_paper_grid_over_every_ssl_method():
     assert cfg.backbone.name == "resnet50" and cfg.data.image_size == 224
 
 
-def test_pocus_reproduction_script_commands_compose(tmp_path):
-    """Run scripts/pocus/reproduce.sh with stub console scripts that only record their arguments; every training
-    run and the first point of every sweep must compose and resolve, and every report must compare real inits."""
+def run_with_stub_console_scripts(script: str, names: tuple[str, ...], tmp_path: Path) -> Path:
+    """Run scripts/pocus/<script> with stub console scripts that only append their arguments (\\x1f-separated,
+    a line per call) to the returned log file."""
     import subprocess
 
     log = tmp_path / "calls.txt"
-    for name in ("fetalssl-extract-frames", "fetalssl-train", "fetalssl-finetune", "fetalssl-report"):
+    for name in names:
         stub = tmp_path / "bin" / name
         stub.parent.mkdir(exist_ok=True)
         stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\x1f" {name} "$@" >> {log}\necho >> {log}\n')
         stub.chmod(0o755)
-    script = Path(__file__).resolve().parents[1] / "scripts" / "pocus" / "reproduce.sh"
-    subprocess.run(["bash", str(script), str(tmp_path / "out")], check=True, env={"BIN": str(tmp_path / "bin"),
-                                                                                    "PATH": "/usr/bin:/bin"})
+    subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / "scripts" / "pocus" / script),
+                    str(tmp_path / "out")], check=True, env={"BIN": str(tmp_path / "bin"), "PATH": "/usr/bin:/bin"})
+    return log
+
+
+def test_pocus_reproduction_script_commands_compose(tmp_path):
+    """Run scripts/pocus/reproduce.sh with stub console scripts that only record their arguments; every training
+    run and the first point of every sweep must compose and resolve, and every report must compare real inits."""
+
+    log = run_with_stub_console_scripts("reproduce.sh", ("fetalssl-extract-frames", "fetalssl-train", "fetalssl-finetune", "fetalssl-report"), tmp_path)
     calls = [line.rstrip("\x1f").split("\x1f") for line in log.read_text().splitlines() if line]
     assert [c[0] for c in calls].count("fetalssl-train") == 3 and [c[0] for c in calls].count("fetalssl-finetune") == 8
 
@@ -117,20 +124,11 @@ def test_pocus_reproduction_script_commands_compose(tmp_path):
 def test_pocus_cross_validation_script_composes_one_pretraining_per_fold_and_scan(tmp_path):
     """scripts/pocus/cross_validate.sh with stub console scripts: every call composes, each fold pretrains on its
     own manifest and fine-tunes that fold, and the report compares labels the sweep's grid really produces."""
-    import subprocess
 
     from conftest import scan_options
 
-    log = tmp_path / "calls.txt"
-    for name in ("fetalssl-extract-frames", "fetalssl-prepare", "fetalssl-train", "fetalssl-finetune",
-                 "fetalssl-report"):
-        stub = tmp_path / "bin" / name
-        stub.parent.mkdir(exist_ok=True)
-        stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\x1f" {name} "$@" >> {log}\necho >> {log}\n')
-        stub.chmod(0o755)
-    script = Path(__file__).resolve().parents[1] / "scripts" / "pocus" / "cross_validate.sh"
-    subprocess.run(["bash", str(script), str(tmp_path / "out")], check=True,
-                   env={"BIN": str(tmp_path / "bin"), "PATH": "/usr/bin:/bin"})
+    log = run_with_stub_console_scripts("cross_validate.sh", ("fetalssl-extract-frames", "fetalssl-prepare", "fetalssl-train", "fetalssl-finetune",
+                 "fetalssl-report"), tmp_path)
     calls = [line.rstrip("\x1f").split("\x1f") for line in log.read_text().splitlines() if line]
     names = [c[0] for c in calls]
     assert names.count("fetalssl-train") == 10 and names.count("fetalssl-finetune") == 20
@@ -163,19 +161,10 @@ def test_pocus_cross_validation_script_composes_one_pretraining_per_fold_and_sca
 def test_pocus_data_variance_script_pretrains_three_budgets_and_fine_tunes_over_that_sweep(tmp_path):
     """scripts/pocus/data_variance.sh with stub console scripts: the pretraining sweep composes for each patient
     share at the same frame and pair budget, and the fine-tuning grid runs over that sweep's folder."""
-    import subprocess
 
     import fetalssl.runtime  # noqa: F401  (registers the frames_for_share resolver, as the console scripts do)
 
-    log = tmp_path / "calls.txt"
-    for name in ("fetalssl-extract-frames", "fetalssl-train", "fetalssl-finetune", "fetalssl-report"):
-        stub = tmp_path / "bin" / name
-        stub.parent.mkdir(exist_ok=True)
-        stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\x1f" {name} "$@" >> {log}\necho >> {log}\n')
-        stub.chmod(0o755)
-    script = Path(__file__).resolve().parents[1] / "scripts" / "pocus" / "data_variance.sh"
-    subprocess.run(["bash", str(script), str(tmp_path / "out")], check=True,
-                   env={"BIN": str(tmp_path / "bin"), "PATH": "/usr/bin:/bin"})
+    log = run_with_stub_console_scripts("data_variance.sh", ("fetalssl-extract-frames", "fetalssl-train", "fetalssl-finetune", "fetalssl-report"), tmp_path)
     calls = {c[0]: c[1:] for c in (line.rstrip("\x1f").split("\x1f") for line in log.read_text().splitlines() if line)}
     train = calls["fetalssl-train"]
     budgets = next(a for a in train if a.startswith("data_budget=")).removeprefix("data_budget=").split(",")
