@@ -171,7 +171,7 @@ def test_pocus_data_variance_script_pretrains_three_budgets_and_fine_tunes_over_
     frames = {}
     for budget in budgets:
         cfg = composed("train", [a for a in train[1:] if not a.startswith("data_budget=")] + [f"data_budget={budget}"])
-        assert cfg.data.pairs_per_epoch == 1024 and cfg.trainer.max_epochs == 10 and cfg.method._target_.endswith("SimCLR")
+        assert cfg.data.pairs_per_epoch == 1024 and cfg.trainer.max_epochs == 10 and cfg.method.criterion._target_.endswith("nt_xent_loss")
         frames[cfg.data.patient_fraction] = cfg.data.frames_per_video
     assert frames == {0.25: 32, 0.5: 16, 1.0: 8}  # equal distinct frames: share x frames per video
     finetune = composed("finetune", [a.split(",")[0] for a in calls["fetalssl-finetune"][1:]])

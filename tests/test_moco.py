@@ -27,19 +27,19 @@ def test_enqueue_wraps_around_and_keeps_the_newest_rows():
 def test_every_key_of_every_micro_batch_is_enqueued_under_gradient_accumulation(tmp_path):
     torch.manual_seed(0)
     model = build("moco", warmup_epochs=0, shuffle_bn=False, queue_size=32)
-    start_queue = model.queue.clone()
+    start_queue = model.queue.rows.clone()
     key_encoder = copy.deepcopy(model).train()  # keys are drawn before the first optimiser step moves the EMA
     data = DataLoader(RandomPairs(n=16), batch_size=4)
     t = trainer(tmp_path, max_steps=2)
     t.accumulate_grad_batches = 2
     t.fit(model, data)
-    assert t.global_step == 2 and model.queue_ptr.item() == 16  # 2 steps x 2 micro-batches x 4 keys
+    assert t.global_step == 2 and model.queue.ptr.item() == 16  # 2 steps x 2 micro-batches x 4 keys
     batches = list(data)
     with torch.no_grad():
         first_step = torch.cat([key_encoder.keys(b["view2"]) for b in batches[:2]])
-    torch.testing.assert_close(model.queue[:8], first_step, rtol=0, atol=1e-6)
-    assert not torch.equal(model.queue[8:16], start_queue[8:16])  # the second step's 8 keys arrived too
-    assert torch.equal(model.queue[16:], start_queue[16:])
+    torch.testing.assert_close(model.queue.rows[:8], first_step, rtol=0, atol=1e-6)
+    assert not torch.equal(model.queue.rows[8:16], start_queue[8:16])  # the second step's 8 keys arrived too
+    assert torch.equal(model.queue.rows[16:], start_queue[16:])
 
 
 def test_shuffle_bn_gives_each_group_its_own_statistics_and_restores_the_order():

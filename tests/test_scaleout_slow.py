@@ -45,9 +45,9 @@ def test_two_ranks_of_batch_b_take_the_step_of_one_process_with_batch_2b(method,
     if method == "moco":
         # The queue holds the same 8 keys, enqueued rank by rank: rank r has samples r, r+2, ... of the batch.
         order = [i for r in range(2) for i in range(r, 8, 2)]
-        torch.testing.assert_close(ddp["queue"][:8], one["queue"][order], atol=PARAM_ATOL, rtol=0)
-        torch.testing.assert_close(ddp["queue"][8:], one["queue"][8:], atol=0, rtol=0)  # initial rows untouched
-        one.pop("queue"), ddp.pop("queue")
+        torch.testing.assert_close(ddp["queue.rows"][:8], one["queue.rows"][order], atol=PARAM_ATOL, rtol=0)
+        torch.testing.assert_close(ddp["queue.rows"][8:], one["queue.rows"][8:], atol=0, rtol=0)  # initial rows
+        one.pop("queue.rows"), ddp.pop("queue.rows")
     for name in one:
         torch.testing.assert_close(ddp[name], one[name], atol=PARAM_ATOL, rtol=1e-5, msg=name)
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from fetalssl.losses import nearest_neighbours, nnclr_loss
 from fetalssl.methods.base import Batch, SSLMethod
-from fetalssl.models.queue import enqueue_
+from fetalssl.models.queue import EmbeddingQueue
 
 
 class NNCLR(SSLMethod):
@@ -23,9 +23,8 @@ class NNCLR(SSLMethod):
         loss = (InfoNCE(nn1, p2) + InfoNCE(nn2, p1)) / 2
         after the optimiser step: enqueue normalize(z1) of the global batch into the support set
 
-    The support set (``support_size`` x D) and its pointer are buffers, so they are checkpointed. As for MoCo's
-    queue, the embeddings of every micro-batch since the last optimiser step (gradient accumulation) and of all
-    ranks are enqueued, so the support set stays identical across ranks.
+    The support set (fetalssl.models.queue.EmbeddingQueue, ``support_size`` x D) is checkpointed and, as MoCo's
+    queue, gets the embeddings of every micro-batch (gradient accumulation) of every rank.
     """
 
     def __init__(self, backbone: nn.Module, projector: Callable[..., nn.Module],
@@ -36,21 +35,17 @@ class NNCLR(SSLMethod):
         self.predictor = predictor(in_dim=self.projector.out_dim)
         self.temperature = temperature
         self.gather = gather
-        self.register_buffer("support", F.normalize(torch.randn(support_size, self.projector.out_dim), dim=1))
-        self.register_buffer("support_ptr", torch.zeros((), dtype=torch.long))
-        self._pending: list[Tensor] = []
+        self.support = EmbeddingQueue(support_size, self.projector.out_dim)
 
     def loss(self, batch: Batch) -> Tensor:
         z1 = self.projector(self.backbone(batch["view1"]))
         z2 = self.projector(self.backbone(batch["view2"]))
         p1, p2 = self.predictor(z1), self.predictor(z2)
-        nn1, nn2 = nearest_neighbours(z1, self.support), nearest_neighbours(z2, self.support)
+        nn1, nn2 = nearest_neighbours(z1, self.support.rows), nearest_neighbours(z2, self.support.rows)
         if self.training:  # enqueued after the optimiser step, never from validation
-            self._pending.append(F.normalize(z1.detach(), dim=1))
+            self.support.add(F.normalize(z1, dim=1))
         return (nnclr_loss(nn1, p2, self.temperature, self.gather)
                 + nnclr_loss(nn2, p1, self.temperature, self.gather)) / 2
 
     def after_optimizer_step(self, step: int) -> None:
-        rows = self.all_gather(torch.cat(self._pending)).reshape(-1, self.support.shape[1])
-        enqueue_(self.support, self.support_ptr, rows)
-        self._pending.clear()
+        self.support.flush(self.all_gather)

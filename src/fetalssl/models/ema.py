@@ -30,3 +30,28 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     for p in target.parameters():
         p.requires_grad_(False)
     return target
+
+
+class EMATarget(nn.Module):
+    """The target half of an online/target pair (BYOL's target, MoCo's key encoder, DINO's teacher): a frozen copy
+    of ``online`` that only moves by ``update``, after optimiser steps, as an EMA with tau on ``cosine_tau``.
+
+    ``online`` is held unregistered: its parameters belong to the method (and its optimiser), not to this part.
+    """
+
+    def __init__(self, online: nn.Module, tau_base: float, tau_final: float):
+        super().__init__()
+        self.network = frozen_copy(online)
+        self._online = (online,)
+        self.tau_base = tau_base
+        self.tau_final = tau_final
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+    def update(self, step: int, total_steps: int) -> float:
+        """EMA step for optimiser step ``step`` (0-based) of ``total_steps``; returns the tau used."""
+        tau = cosine_tau(step, total_steps, self.tau_base, self.tau_final)
+        ema_update(self.network, self._online[0], tau)
+        return tau
