@@ -12,7 +12,11 @@ import torch.multiprocessing as mp
 from fetalssl.losses import (
     barlow_twins_loss,
     byol_loss,
+    dino_center,
+    dino_loss,
+    masked_patch_loss,
     moco_loss,
+    mocov3_loss,
     nearest_neighbours,
     nnclr_loss,
     nt_xent_loss,
@@ -199,7 +203,8 @@ def _free_port():
 
 GATHERED = {"barlow": partial(barlow_twins_loss, lambd=0.0051),
             "vicreg": partial(vicreg_loss, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0),
-            "nt_xent": partial(nt_xent_loss, temperature=0.5)}
+            "nt_xent": partial(nt_xent_loss, temperature=0.5),
+            "mocov3": partial(mocov3_loss, temperature=0.2)}
 
 
 def _ddp_worker(rank, world, port, z1, z2, out):
@@ -236,7 +241,10 @@ def test_gather_equals_global_batch_loss():
             _, ga, gb = out[f"{name}_{r}"]
             # Gradients are summed over ranks' losses; DDP's averaging then divides by world size.
             assert torch.allclose(ga / world, a.grad[r * 4:(r + 1) * 4]), name
-            assert torch.allclose(gb / world, b.grad[r * 4:(r + 1) * 4]), name
+            if name == "mocov3":  # the keys are constants
+                assert gb is None and b.grad is None
+            else:
+                assert torch.allclose(gb / world, b.grad[r * 4:(r + 1) * 4]), name
 
 
 def test_simsiam_is_the_negative_mean_cosine_and_stops_the_target_gradient():
@@ -270,3 +278,96 @@ def test_nnclr_neighbour_is_the_most_cosine_similar_support_row_and_the_loss_is_
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()
     assert z.grad is None and p.grad.abs().sum() > 0  # the neighbour is a constant for the gradient
+
+
+# --- MoCo v3, DINO, MAE: each against a loop over its formula, values and gradients -------------------------
+
+
+def ref_mocov3(q, k, t):
+    """-log exp(cos(q_i, k_i) / t) / sum_j exp(cos(q_i, k_j) / t), averaged, times 2t; torch ops for autograd."""
+    total = 0
+    for i in range(len(q)):
+        logits = torch.stack([torch.nn.functional.cosine_similarity(q[i], k[j], dim=0) / t for j in range(len(k))])
+        total = total - (logits[i] - torch.logsumexp(logits, dim=0))
+    return total / len(q) * 2 * t
+
+
+def test_mocov3_matches_its_formula_in_value_and_gradient_and_keys_get_none(z):
+    for t in (1.0, 0.2):
+        q, k = z[0].clone().requires_grad_(), z[1].clone().requires_grad_()
+        loss = mocov3_loss(q, k, temperature=t, gather=False)
+        q_ref = z[0].clone().requires_grad_()
+        expected = ref_mocov3(q_ref, z[1], t)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
+        loss.backward()
+        expected.backward()
+        assert torch.allclose(q.grad, q_ref.grad) and k.grad is None
+
+
+def ref_dino(student, teacher, center, ts, tt):
+    total, pairs = 0, 0
+    for i, t in enumerate(teacher):
+        for v, s in enumerate(student):
+            if v == i:
+                continue
+            for b in range(len(t)):
+                target = torch.exp((t[b] - center[0]) / tt) / torch.exp((t[b] - center[0]) / tt).sum()
+                log_p = s[b] / ts - torch.log(torch.exp(s[b] / ts).sum())
+                total = total - (target * log_p).sum() / len(t)
+            pairs += 1
+    return total / pairs
+
+
+def test_dino_matches_its_formula_pairs_no_view_with_itself_and_the_teacher_gets_no_gradient():
+    g = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    student = [torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    center = torch.randn(1, 5, generator=g, dtype=torch.float64)
+    loss = dino_loss(student, teacher, center, student_temp=0.1, teacher_temp=0.04)
+    ref_student = [s.detach().clone().requires_grad_() for s in student]
+    expected = ref_dino(ref_student, [t.detach() for t in teacher], center, 0.1, 0.04)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
+    loss.backward()
+    expected.backward()
+    for got, want in zip(student, ref_student, strict=True):
+        assert torch.allclose(got.grad, want.grad)
+    assert all(t.grad is None for t in teacher)
+
+
+def test_dino_centre_removes_a_shift_shared_by_teacher_and_centre_and_moves_as_an_ema():
+    g = torch.Generator().manual_seed(1)
+    teacher = [torch.randn(4, 6, generator=g) for _ in range(2)]
+    student = [torch.randn(4, 6, generator=g) for _ in range(3)]
+    center = torch.randn(1, 6, generator=g)
+    shift = torch.randn(1, 6, generator=g)
+    base = dino_loss(student, teacher, center, 0.1, 0.04)
+    assert dino_loss(student, [t + shift for t in teacher], center + shift, 0.1, 0.04).item() == \
+        pytest.approx(base.item(), rel=1e-5)
+    assert not math.isclose(dino_loss(student, teacher, center + shift, 0.1, 0.04).item(), base.item(),
+                            rel_tol=1e-3)
+    mean = torch.randn(1, 6, generator=g)
+    assert torch.allclose(dino_center(center, mean, 0.9), 0.9 * center + 0.1 * mean)
+
+
+def test_masked_patch_loss_averages_normalised_errors_over_removed_patches_only():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    patches = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1.0, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.float64)
+    for normalise in (False, True):
+        errors = []
+        for b in range(2):
+            for n in range(4):
+                if mask[b, n]:
+                    target = patches[b, n].tolist()
+                    if normalise:
+                        mean = sum(target) / 6
+                        var = sum((x - mean) ** 2 for x in target) / 5  # unbiased, as the official code
+                        target = [(x - mean) / math.sqrt(var + 1e-6) for x in target]
+                    errors.append(_mean([(p - t) ** 2 for p, t in zip(pred[b, n].tolist(), target, strict=True)]))
+        got = masked_patch_loss(pred, patches, mask, normalise_targets=normalise).item()
+        assert got == pytest.approx(_mean(errors), rel=1e-9)
+    changed = pred.clone()
+    changed[0, 1] += 5  # a visible patch: no effect
+    assert masked_patch_loss(changed, patches, mask, True).item() == pytest.approx(
+        masked_patch_loss(pred, patches, mask, True).item(), rel=1e-12)

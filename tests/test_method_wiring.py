@@ -14,7 +14,10 @@ import torch.nn.functional as F
 from fetalssl.losses import (
     barlow_twins_loss,
     byol_loss,
+    dino_loss,
+    masked_patch_loss,
     moco_loss,
+    mocov3_loss,
     nearest_neighbours,
     nnclr_loss,
     nt_xent_loss,
@@ -33,6 +36,8 @@ NOT_THE_PAPERS = {  # every coefficient away from its default, so a value left a
     "byol": {},
     "simsiam": {},
     "nnclr": {"temperature": 0.7},
+    "mocov3": {"criterion": {"temperature": 0.7}},
+    "dino": {"student_temp": 0.3, "teacher_temp": 0.07, "warmup_teacher_temp": 0.07},
 }
 
 
@@ -57,7 +62,7 @@ def target_embedding(model, x):
 
 def reference(name, model, v1, v2):
     """The paper's criterion from the method's parts, written out here (not through model.loss)."""
-    z1, z2 = online_embedding(model, v1), online_embedding(model, v2)
+    z1, z2 = (online_embedding(model, v1), online_embedding(model, v2)) if hasattr(model, "projector") else (0, 0)
     if name == "barlowtwins":
         return barlow_twins_loss(z1, z2, lambd=0.3, gather=False)
     if name == "vicreg":
@@ -76,6 +81,17 @@ def reference(name, model, v1, v2):
         p1, p2 = model.predictor(z1), model.predictor(z2)
         nn1, nn2 = nearest_neighbours(z1, model.support.rows), nearest_neighbours(z2, model.support.rows)
         return (nnclr_loss(nn1, p2, 0.7, gather=False) + nnclr_loss(nn2, p1, 0.7, gather=False)) / 2
+    if name == "mocov3":
+        with torch.no_grad():
+            t1, t2 = (target_embedding(model, v) for v in (v1, v2))
+        p1, p2 = model.predictor(z1), model.predictor(z2)
+        return mocov3_loss(p1, t2, 0.7, gather=False) + mocov3_loss(p2, t1, 0.7, gather=False)
+    if name == "dino":
+        backbone, head = model.teacher.network
+        with torch.no_grad():
+            teacher = head(backbone(torch.cat([v1, v2]))).chunk(2)
+        student = model.head(model.backbone(torch.cat([v1, v2]))).chunk(2)
+        return dino_loss(student, teacher, model.center, student_temp=0.3, teacher_temp=0.07)
     if name == "simsiam":
         p1, p2 = model.predictor(z1), model.predictor(z2)
         return -(F.cosine_similarity(p1, z2).mean() + F.cosine_similarity(p2, z1).mean()) / 2
@@ -164,3 +180,80 @@ def test_ema_follows_the_configured_cosine_schedule_at_several_steps(name, targe
         got = next(target.parameters()).flatten()[0].item()
         assert got == pytest.approx(1 - tau, abs=1e-6), f"step {step}"  # target <- tau * 0 + (1 - tau) * 1
     assert [round(cosine_tau(s, 10, 0.9, 0.99), 6) for s in (0, 10)] == [0.9, 0.99]
+
+
+def test_dino_local_crops_reach_the_student_only_and_the_centre_moves_after_steps_only():
+    torch.manual_seed(0)
+    model = build("dino", student_temp=0.3).train()
+    data = RandomPairs(n=8, n_local=2)
+    two = batch(data.v1, data.v2)
+    crops = {**two, "locals": data.locals}
+    with torch.no_grad():
+        with_locals, without = model.loss(crops), model.loss(two)
+        changed = model.loss({**two, "locals": [data.locals[0], data.locals[0] + 1]})
+        teacher = [t for t in model.teacher(torch.cat([data.v1, data.v2])).chunk(2)]
+        backbone, head = model.backbone, model.head
+        student = [*head(backbone(torch.cat([data.v1, data.v2]))).chunk(2),
+                   *head(backbone(torch.cat(data.locals))).chunk(2)]
+        expected = dino_loss(student, teacher, model.center, 0.3, model.teacher_temperature(0))
+    assert with_locals.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert not math.isclose(with_locals.item(), without.item(), rel_tol=1e-4)
+    assert not math.isclose(changed.item(), with_locals.item(), rel_tol=1e-4)
+    # The centre: untouched by the forward passes, then the EMA of the mean teacher output of those 3 passes.
+    assert torch.equal(model.center, torch.zeros_like(model.center))
+    model.total_steps, model.all_gather = 10, (lambda x: x)
+    model.after_optimizer_step(0)
+    mean = torch.cat([*teacher, *teacher, *teacher]).mean(dim=0, keepdim=True)
+    torch.testing.assert_close(model.center, 0.1 * mean, rtol=1e-5, atol=1e-7)
+
+
+def test_dino_teacher_temperature_warms_up_linearly_per_step_then_holds():
+    model = build("dino", warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=2)
+    model.epochs_to_steps = lambda epochs: int(epochs * 5)
+    assert [round(model.teacher_temperature(s), 6) for s in (0, 5, 10, 20)] == [0.04, 0.055, 0.07, 0.07]
+
+
+def test_mae_reconstructs_masked_patches_of_view1_with_the_configured_ratio_and_targets():
+    from fetalssl.models.masking import encode_visible, patchify
+
+    torch.manual_seed(0)
+    model = build("mae", mask_ratio=0.5, normalise_targets=False).train()
+    v1, v2 = views()
+    with torch.no_grad():
+        torch.manual_seed(3)
+        loss = model.loss(batch(v1, v2))
+        torch.manual_seed(3)
+        encoded, mask, restore = encode_visible(model.backbone, v1, 0.5)
+        expected = masked_patch_loss(model.decoder(encoded, restore), patchify(v1, 16), mask, False)
+        torch.manual_seed(3)
+        unused_view2 = model.loss(batch(v1, v2 + 5))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert unused_view2.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert encoded.shape[1] == 1 + 2 and mask.sum(dim=1).tolist() == [2.0] * len(v1)  # 4 patches at 32 px, half kept
+
+
+def test_random_masking_keeps_the_share_asked_and_restore_puts_tokens_back():
+    from fetalssl.models.masking import patchify, random_masking
+
+    tokens = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(2, 8, 3)
+    kept, mask, restore = random_masking(tokens, 0.75)
+    assert kept.shape == (2, 2, 3) and mask.sum(dim=1).tolist() == [6.0, 6.0]
+    for b in range(2):  # the kept tokens are exactly the unmasked positions
+        assert sorted(kept[b, :, 0].tolist()) == sorted(tokens[b, mask[b] == 0, 0].tolist())
+    placed = torch.gather(torch.cat([kept, torch.zeros(2, 6, 3)], dim=1), 1, restore[..., None].expand(-1, -1, 3))
+    assert torch.equal(placed[mask == 0], tokens[mask == 0])
+    image = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(1, 2, 4, 4)
+    patches = patchify(image, 2)
+    assert patches.shape == (1, 4, 8) and patches[0, 1].tolist() == [2.0, 18.0, 3.0, 19.0, 6.0, 22.0, 7.0, 23.0]
+
+
+def test_mocov3_vit_keeps_its_random_patch_projection_and_trains_the_rest(tmp_path):
+    from test_methods import loader, trainer
+
+    torch.manual_seed(0)
+    model = build("mocov3_vit", warmup_epochs=0)
+    patch = {k: v.clone() for k, v in model.backbone.patch_embed.state_dict().items()}
+    blocks = {k: v.clone() for k, v in model.backbone.blocks.state_dict().items()}
+    trainer(tmp_path, max_steps=2).fit(model, loader())
+    assert all(torch.equal(v, patch[k]) for k, v in model.backbone.patch_embed.state_dict().items())
+    assert any(not torch.equal(v, blocks[k]) for k, v in model.backbone.blocks.state_dict().items())

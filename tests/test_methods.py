@@ -19,15 +19,16 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import fetalssl
 from fetalssl.evaluation import extract_features
 from fetalssl.io import load_weights
-from fetalssl.methods.monitor import LinearProbeMonitor
 from fetalssl.losses import nt_xent_loss
+from fetalssl.methods.monitor import LinearProbeMonitor
 from fetalssl.methods.two_view import TwoViewMethod
 from fetalssl.models.backbones import create_backbone
 from fetalssl.models.heads import MLP
 from fetalssl.models.optim import LARS
 
 CONF = Path(fetalssl.__file__).parent / "conf"
-METHODS = ["barlowtwins", "vicreg", "simclr", "byol", "moco", "simsiam", "nnclr", "autoencoder", "inpainting"]
+METHODS = ["barlowtwins", "vicreg", "simclr", "byol", "moco", "simsiam", "nnclr", "mocov3", "mocov3_vit", "dino",
+           "mae", "autoencoder", "inpainting"]
 DATA = {"batch_size": 8, "channels": 1, "image_size": 32}
 SMALL_HEAD = {"hidden_dims": [32], "out_dim": 16}
 SMALL = {  # shrink the paper-sized heads so the test runs in seconds
@@ -38,35 +39,46 @@ SMALL = {  # shrink the paper-sized heads so the test runs in seconds
     "simsiam": {"projector": SMALL_HEAD, "predictor": {"hidden_dims": [8], "out_dim": 16}},
     "nnclr": {"projector": SMALL_HEAD, "predictor": {"hidden_dims": [8], "out_dim": 16}, "support_size": 32},
     "moco": {"projector": SMALL_HEAD, "queue_size": 32, "shuffle_bn_groups": 2},
+    "mocov3": {"projector": SMALL_HEAD, "predictor": {"hidden_dims": [8], "out_dim": 16}},
+    "mocov3_vit": {"projector": SMALL_HEAD, "predictor": {"hidden_dims": [8], "out_dim": 16}},
+    "dino": {"head": {"hidden_dims": [32], "bottleneck_dim": 8, "out_dim": 64}},
+    "mae": {"decoder": {"dim": 32, "depth": 1, "num_heads": 2}},
     "autoencoder": {"decoder": {"channels": [16, 16, 8, 8, 8]}},
     "inpainting": {"decoder": {"channels": [16, 16, 8, 8, 8]}},
 }
 
 
-def build(method, backbone="resnet18", **overrides):
-    """Compose the real train.yaml (method file, its augment preset, backbone) and shrink the heads."""
+def build(method, backbone=None, **overrides):
+    """Compose the real train.yaml (method file, its augment preset, its backbone unless given) and shrink the
+    heads."""
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"method={method}", f"backbone={backbone}",
+        cfg = compose("train", overrides=[f"method={method}", *([f"backbone={backbone}"] if backbone else []),
                                           *(f"data.{k}={v}" for k, v in DATA.items())])
     cfg = OmegaConf.merge(cfg, {"method": SMALL[method]}, {"method": overrides})
     return instantiate(cfg.method, backbone=instantiate(cfg.backbone))
 
 
 class RandomPairs(Dataset):
-    def __init__(self, n=16, seed=0):
+    """Two 32 px views per sample, and ``n_local`` 16 px local crops (multi-crop) when asked."""
+
+    def __init__(self, n=16, seed=0, n_local=0):
         g = torch.Generator().manual_seed(seed)
         self.v1 = torch.randn(n, 1, 32, 32, generator=g)
         self.v2 = self.v1 + 0.3 * torch.randn(n, 1, 32, 32, generator=g)
+        self.locals = [self.v1[:, :, :16, :16] + 0.3 * torch.randn(n, 1, 16, 16, generator=g) for _ in range(n_local)]
 
     def __len__(self):
         return len(self.v1)
 
     def __getitem__(self, i):
-        return {"view1": self.v1[i], "view2": self.v2[i]}
+        sample = {"view1": self.v1[i], "view2": self.v2[i]}
+        if self.locals:
+            sample["locals"] = [crop[i] for crop in self.locals]
+        return sample
 
 
-def loader():
-    return DataLoader(RandomPairs(), batch_size=8, drop_last=True)
+def loader(n_local=0):
+    return DataLoader(RandomPairs(n_local=n_local), batch_size=8, drop_last=True)
 
 
 def trainer(tmp_path, max_steps, callbacks=()):
@@ -86,7 +98,8 @@ def test_method_trains_checkpoints_and_exports_backbone(method, tmp_path):
     # The probe monitor rides along on one method rather than costing a run of its own.
     probe = [LinearProbeMonitor(labelled(4, 1), labelled(2, 2), every_n_epochs=1, knn=True, k=20, batch_size=256, max_iter=1000)] if method == "simclr" else []
     t = trainer(tmp_path, max_steps=2, callbacks=probe)
-    t.fit(model, loader(), loader())
+    n_local = 2 if method == "dino" else 0
+    t.fit(model, loader(n_local), loader(n_local))
 
     assert t.global_step == 2
     for key in ("train/loss", "val/loss", "lr"):
@@ -98,6 +111,8 @@ def test_method_trains_checkpoints_and_exports_backbone(method, tmp_path):
         assert torch.equal(ckpt["state_dict"]["queue.rows"], model.queue.rows) and ckpt["state_dict"]["queue.ptr"] == 16
     if method == "nnclr":  # so is the support set, filled after each optimiser step with that step's embeddings
         assert torch.equal(ckpt["state_dict"]["support.rows"], model.support.rows) and ckpt["state_dict"]["support.ptr"] == 16
+    if method == "dino":  # and DINO's centre, moved by the teacher outputs of each step
+        assert torch.equal(ckpt["state_dict"]["center"], model.center) and model.center.abs().sum() > 0
     if method == "simclr":
         for key in ("probe/acc", "probe/macro_f1", "probe/knn_acc"):
             assert 0.0 <= t.callback_metrics[key].item() <= 1.0
@@ -105,11 +120,14 @@ def test_method_trains_checkpoints_and_exports_backbone(method, tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
 
     torch.save(model.backbone.state_dict(), tmp_path / "backbone.pt")
-    plain = timm.create_model("resnet18", num_classes=0, in_chans=1)
+    vit = type(model.backbone).__name__ == "VisionTransformer"
+    plain = timm.create_model("vit_small_patch16_224", num_classes=0, in_chans=1, img_size=32) if vit else \
+        timm.create_model("resnet18", num_classes=0, in_chans=1)
+    assert vit == (method in ("mocov3_vit", "mae"))  # the ViT recipes bring their backbone
     plain.load_state_dict(torch.load(tmp_path / "backbone.pt"), strict=True)
 
 
-@pytest.mark.parametrize("method, backbone", [("autoencoder", "vit_small")])
+@pytest.mark.parametrize("method, backbone", [("autoencoder", "vit_small"), ("mocov3", "vit_small")])
 def test_methods_work_with_other_backbones(method, backbone):
     model = build(method, backbone=backbone)
     batch = next(iter(loader()))
@@ -250,7 +268,8 @@ def test_collapse_monitor_logs_both_embeddings_and_warns_only_for_a_collapsed_ru
             module.backbone[1].weight.mul_(1e-6)  # the output is the bias: one point for every input
     logged = {}
     module.log = lambda name, value: logged.__setitem__(name, value)
-    monitor = CollapseMonitor(max_samples=24, min_rankme=2.0, min_std_x_sqrt_d=0.01)
+    monitor = CollapseMonitor(max_samples=24, min_rankme=2.0, min_std_x_sqrt_d=0.01, max_teacher_entropy=0.99,
+                              min_teacher_marginal_entropy=0.05)
     fake_trainer = type("T", (), {"sanity_checking": False, "current_epoch": 3})()
     monitor.on_validation_epoch_start(fake_trainer, module)
     for i in range(4):  # 4 batches of 8: only the first 24 views count

@@ -14,6 +14,7 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 from omegaconf import OmegaConf
 from torch.utils.data import DistributedSampler
 
+import fetalssl.runtime  # noqa: F401  (the resolvers the console scripts register)
 from conftest import data_groups, scan_options
 from fetalssl.data.index import find_videos, index_videos, read_manifest
 from fetalssl.data.pairs import SameFramePairs, TemporalPairs
@@ -276,3 +277,52 @@ def test_lightning_fit_sees_new_pairs_each_epoch(video_root, tmp_path):
     trainer.fit(module, datamodule=dm)
     assert len(module.first_batches) == 2 and not torch.equal(*module.first_batches)
     torch.testing.assert_close(*module.val_batches)
+
+
+def _source_frames(dataset, index, images, size):
+    """The cached frame each image (C, H, W) was made from: the best match of the resized cached frames."""
+    cached = np.asarray(dataset.videos[index % len(dataset.videos)].frames(), np.float32)
+    resized = torch.nn.functional.interpolate(torch.from_numpy(cached)[:, None], size=size, mode="area")[:, 0]
+    return [int(((resized - (image[0] * 0.25 + 0.5) * 255) ** 2).mean(dim=(1, 2)).argmin()) for image in images]
+
+
+def test_multi_crop_adds_local_views_from_the_global_views_frames_or_nearby_ones(video_root, tmp_path):
+    from fetalssl.data.pairs import LocalFrames
+    from fetalssl.data.transforms import multi_crop
+
+    pairs = TemporalPairs(max_gap=2, unit="frames")
+    two = make_dm(video_root, tmp_path, pair_sampler=pairs).train_set
+    local = A.Compose([A.Resize(16, 16)])  # as the global views: a local crop of the same frame equals its view
+    views = identity_views()
+    same = make_dm(video_root, tmp_path, pair_sampler=pairs,
+                   views=multi_crop(views["view1"], views["view2"], local, 3, LocalFrames(0, "frames"))).train_set
+    near = make_dm(video_root, tmp_path, pair_sampler=pairs,
+                   views=multi_crop(views["view1"], views["view2"], local, 3, LocalFrames(3, "frames"))).train_set
+    gaps = []
+    for index in range(len(two)):
+        plain, crops, nearby = two[index], same[index], near[index]
+        for view in ("view1", "view2"):  # adding local crops leaves the global views as they were
+            assert torch.equal(crops[view], plain[view]) and torch.equal(nearby[view], plain[view])
+        # local crop i comes from global view i % 2's frame, or (max_gap 3) from a frame within 3 of it
+        assert [torch.equal(c, plain[v]) for c, v in zip(crops["locals"], ("view1", "view2", "view1"), strict=True)] \
+            == [True] * 3
+        globals_ = _source_frames(same, index, [plain["view1"], plain["view2"]], 16)
+        for i, frame in enumerate(_source_frames(near, index, nearby["locals"], 16)):
+            gaps.append(abs(frame - globals_[i % 2]))
+        assert all(torch.equal(a, b) for a, b in zip(near[index]["locals"], nearby["locals"], strict=True))
+    assert max(gaps) == 3 and min(gaps) == 0
+
+
+def test_multi_crop_batches_through_workers_and_the_ddp_shard_like_pairs(video_root, tmp_path):
+    views = preset("multicrop")
+    assert len(views["locals"]) == 8
+    loaders = [make_dm(video_root, tmp_path, views=views, num_workers=w).train_dataloader() for w in (0, 2)]
+    first, second = (batches_with_locals(loader) for loader in loaders)
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b)
+    local_size = round(16 * 96 / 224)
+    assert [t.shape for t in first[0]["locals"]] == [(4, 3, local_size, local_size)] * 8
+
+
+def batches_with_locals(loader):
+    return [{k: ([t.clone() for t in v] if isinstance(v, list) else v.clone()) for k, v in b.items()} for b in loader]

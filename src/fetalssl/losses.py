@@ -9,6 +9,8 @@ then pass equally sized batches (use drop_last in DDP). Without an initialised p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -149,6 +151,19 @@ def nnclr_loss(neighbours: Tensor, p: Tensor, temperature: float, gather: bool) 
     return F.cross_entropy(anchors @ candidates.T / temperature, positives)
 
 
+def mocov3_loss(q: Tensor, k: Tensor, temperature: float, gather: bool) -> Tensor:
+    """Chen, Xie & He 2021 (MoCo v3), one direction: InfoNCE of each query against the keys of the batch, its own
+    key the positive, scaled by 2 * temperature as in the official code. Keys get no gradient; with ``gather``
+    the keys of all ranks are the candidates (the global batch)."""
+    n = q.shape[0]
+    q = F.normalize(q, dim=1)
+    k = F.normalize(k.detach(), dim=1)
+    if gather:
+        k = gather_with_grad(k)  # detached: no gradient flows back through the gather
+    positives = torch.arange(n, device=q.device) + (_rank() * n if gather else 0)
+    return F.cross_entropy(q @ k.T / temperature, positives) * 2 * temperature
+
+
 def moco_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
     """He et al. 2020 / Chen et al. 2020 (MoCo v2) InfoNCE.
 
@@ -164,6 +179,34 @@ def moco_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor
     logits = torch.cat([positives, negatives], dim=1) / temperature
     labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return F.cross_entropy(logits, labels)
+
+
+def dino_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], center: Tensor, student_temp: float,
+              teacher_temp: float) -> Tensor:
+    """Caron et al. 2021 (DINO) with multi-crop: the cross-entropy H(P_t, P_s) between the teacher's centred and
+    sharpened distribution softmax((t - center) / teacher_temp) of each global view and the student's
+    softmax(s / student_temp) of every other view, averaged over those (teacher view, student view) pairs.
+    ``teacher`` holds the global views' outputs (no gradient), ``student`` every view's, globals first in the
+    same order."""
+    targets = [F.softmax((t.detach() - center) / teacher_temp, dim=-1) for t in teacher]
+    log_probs = [F.log_softmax(s / student_temp, dim=-1) for s in student]
+    terms = [-(q * lp).sum(dim=-1).mean() for i, q in enumerate(targets) for v, lp in enumerate(log_probs) if v != i]
+    return torch.stack(terms).mean()
+
+
+def dino_center(center: Tensor, batch_mean: Tensor, momentum: float) -> Tensor:
+    """DINO's centre: an EMA of the teacher's mean output over the (global) batch."""
+    return center * momentum + batch_mean * (1 - momentum)
+
+
+def masked_patch_loss(pred: Tensor, patches: Tensor, mask: Tensor, normalise_targets: bool) -> Tensor:
+    """He et al. 2022 (MAE): mean squared error per patch (B, N, P), averaged over the removed patches only
+    (mask 1). ``normalise_targets``: each target patch standardised by its own mean and variance (the paper's
+    normalised pixels, its default)."""
+    if normalise_targets:
+        patches = (patches - patches.mean(dim=-1, keepdim=True)) / (patches.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+    per_patch = (pred - patches).pow(2).mean(dim=-1)
+    return (per_patch * mask).sum() / mask.sum()
 
 
 def reconstruction_loss(pred: Tensor, target: Tensor) -> Tensor:

@@ -55,6 +55,8 @@ OmegaConf.register_new_resolver(
 OmegaConf.register_new_resolver("sweep_subdir", sweep_subdir, replace=True)
 # conf/data_budget: frames per video that keep patients x frames fixed when only `share` of the patients is used.
 OmegaConf.register_new_resolver("frames_for_share", lambda frames, share: round(frames / share), replace=True)
+# conf/augment/multicrop: the local crop size in the paper's proportion to the global one (96 of 224 px).
+OmegaConf.register_new_resolver("scaled_size", lambda size, num, den: max(1, round(size * num / den)), replace=True)
 
 
 # What Lightning's subprocess launcher sets in the launching process (lightning/fabric/strategies/launchers/

@@ -98,6 +98,28 @@ class MixupPairs:
         return PairSpec(self._view(rng, anchor, gap, n_frames), self._view(rng, anchor, gap, n_frames))
 
 
+class LocalFrames:
+    """Which frame each local crop of multi-crop is cut from. Local crop i belongs to global view i % 2: with
+    ``max_gap`` 0 it is cut from that view's own frame(s) (the image multi-crop of DINO); otherwise from one frame
+    within +-max_gap (source frames or seconds) of that view's first frame, so local crops also see nearby moments
+    of the video."""
+
+    def __init__(self, max_gap: float, unit: str):
+        if max_gap < 0:
+            raise ValueError(f"max_gap must be >= 0, got {max_gap}")
+        gap_in_cached_frames(0, unit, 1.0, 1)
+        self.max_gap = max_gap
+        self.unit = unit
+
+    def __call__(self, rng: np.random.Generator, pair: PairSpec, n_local: int, n_frames: int, fps: float,
+                 stride: int) -> tuple[ViewSpec, ...]:
+        globals_ = (pair.view1, pair.view2)
+        if self.max_gap == 0:
+            return tuple(globals_[i % 2] for i in range(n_local))
+        gap = gap_in_cached_frames(self.max_gap, self.unit, fps, stride)
+        return tuple(((_neighbour(rng, globals_[i % 2][0][0], gap, n_frames), 1.0),) for i in range(n_local))
+
+
 def compose_view(frames: dict[int, np.ndarray], view: ViewSpec) -> np.ndarray:
     """Weighted sum of the view's frames, as uint8 (a single frame passes through untouched)."""
     if len(view) == 1:

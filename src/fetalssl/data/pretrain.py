@@ -158,27 +158,38 @@ class FramePairDataset(Dataset):
         video = self.videos[index % len(self.videos)]
         return self.pair_sampler(rng, video.n_frames, video.fps, video.stride)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} outside [0, {len(self)})")
         rng = np.random.default_rng([self.seed, self.epoch, index])
         spec = self.pair_spec(index, rng)
-        video_frames = self._frames(index % len(self.videos))
         video = self.videos[index % len(self.videos)]
+        video_frames = self._frames(index % len(self.videos))
         frames = {i: np.asarray(video_frames[video.cache_index(i)]) for i in spec.frame_indices()}
-        sample = {}
-        for name, view_spec in (("view1", spec.view1), ("view2", spec.view2)):
-            image = with_channels(compose_view(frames, view_spec), self.channels)
-            augment = self.views[name]
-            augment.set_random_seed(int(rng.integers(2**31)))
-            image = augment(image=image)["image"]
-            if image.shape[:2] != (self.image_size, self.image_size):
-                raise ValueError(
-                    f"augmentation {name} returned {image.shape[:2]}, expected data.image_size={self.image_size}; "
-                    "the preset must end with a resize/crop to ${data.image_size}"
-                )
-            sample[name] = to_normalised_tensor(image, self.mean, self.std)
+        sample = {name: self._view(frames, view_spec, self.views[name], rng, name, self.image_size)
+                  for name, view_spec in (("view1", spec.view1), ("view2", spec.view2))}
+        if "locals" in self.views:  # drawn after the global views, which are therefore those of two-view presets
+            local_specs = self.views["local_frames"](rng, spec, len(self.views["locals"]), video.n_frames,
+                                                     video.fps, video.stride)
+            for i in {i for view in local_specs for i, _ in view} - frames.keys():
+                frames[i] = np.asarray(video_frames[video.cache_index(i)])
+            sample["locals"] = [self._view(frames, view_spec, augment, rng, f"local crop {i}", None)
+                                for i, (view_spec, augment) in enumerate(zip(local_specs, self.views["locals"],
+                                                                              strict=True))]
         return sample
+
+    def _view(self, frames: dict[int, np.ndarray], view_spec, augment: A.Compose, rng: np.random.Generator,
+              name: str, size: int | None) -> torch.Tensor:
+        image = with_channels(compose_view(frames, view_spec), self.channels)
+        augment.set_random_seed(int(rng.integers(2**31)))
+        image = augment(image=image)["image"]
+        expected = (size, size) if size is not None else (image.shape[0], image.shape[0])
+        if image.shape[:2] != expected:
+            raise ValueError(
+                f"augmentation {name} returned {image.shape[:2]}, expected {expected}: the preset must end with a "
+                "square resize/crop (${data.image_size} for the two global views)"
+            )
+        return to_normalised_tensor(image, self.mean, self.std)
 
 
 class EpochSampler(Sampler[int]):
@@ -324,8 +335,9 @@ class VideoFramePairDataModule(L.LightningDataModule):
         super().__init__()
         if root is None and manifest is None:
             raise ValueError("set data.root (a video folder) or data.manifest (a CSV)")
-        if set(views) != {"view1", "view2"}:
-            raise ValueError(f"views must have keys view1 and view2, got {sorted(views)}")
+        if set(views) not in ({"view1", "view2"}, {"view1", "view2", "locals", "local_frames"}):
+            raise ValueError(f"views must have keys view1 and view2 (and for multi-crop locals and local_frames), "
+                             f"got {sorted(views)}")
         self.root = root
         self.manifest = manifest
         self.cache_dir = Path(cache_dir)

@@ -15,8 +15,16 @@ import torch
 
 
 def two_views(view1: A.Compose, view2: A.Compose) -> dict[str, A.Compose]:
-    """The object a conf/augment preset instantiates to."""
+    """The object a two-view conf/augment preset instantiates to."""
     return {"view1": view1, "view2": view2}
+
+
+def multi_crop(view1: A.Compose, view2: A.Compose, local: A.Compose, n_local: int, local_frames) -> dict[str, Any]:
+    """Multi-crop (Caron et al. 2020, SwAV; DINO): the two global views plus ``n_local`` small crops made by
+    ``local``; ``local_frames`` (fetalssl.data.pairs.LocalFrames) picks the frame each local crop is cut from."""
+    if n_local < 1:
+        raise ValueError(f"n_local must be >= 1, got {n_local} (use a two-view augment preset for none)")
+    return {"view1": view1, "view2": view2, "locals": [local] * n_local, "local_frames": local_frames}
 
 
 class CropToContent(A.ImageOnlyTransform):

@@ -66,17 +66,18 @@ class SSLMethod(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["view1"].shape[0])
         return loss
 
-    def _warmup_steps(self) -> int:
-        if self.warmup_epochs == 0:
+    def epochs_to_steps(self, epochs: float) -> int:
+        """Optimiser steps in ``epochs`` epochs of this run's train loader (warm-ups given in epochs)."""
+        if epochs == 0:
             return 0
         if self.trainer.train_dataloader is None:
             # estimated_stepping_batches skips loading the data when only max_steps is set
             self.trainer.fit_loop.setup_data()
         batches = self.trainer.num_training_batches
         if math.isinf(batches):
-            raise ValueError("warmup_epochs needs a train loader with a length; set warmup_epochs: 0")
+            raise ValueError("a warm-up in epochs needs a train loader with a length; set it to 0")
         steps_per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches)
-        return round(self.warmup_epochs * steps_per_epoch)
+        return round(epochs * steps_per_epoch)
 
     def configure_optimizers(self):
         trainer = self.trainer
@@ -86,7 +87,7 @@ class SSLMethod(L.LightningModule):
         if math.isinf(total):
             raise ValueError("the LR/EMA schedules need a finite run: set trainer.max_epochs or trainer.max_steps")
         self.total_steps = int(total)
-        warmup = self._warmup_steps()
+        warmup = self.epochs_to_steps(self.warmup_epochs)
         if warmup > MAX_WARMUP_SHARE * self.total_steps:
             clamped = int(MAX_WARMUP_SHARE * self.total_steps)
             log.warning("warm-up of %d steps is longer than %d%% of this %d-step run: the LR would barely reach "

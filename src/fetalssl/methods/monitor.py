@@ -4,6 +4,7 @@ rank monitors on the validation views."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import lightning as L
@@ -103,17 +104,34 @@ def normalised_std(z: Tensor) -> float:
     return float(torch.nn.functional.normalize(z.double(), dim=1).std(dim=0).mean())
 
 
+def entropies(probs: Tensor) -> tuple[float, float]:
+    """Mean entropy of the rows of ``probs`` (N, K) and entropy of their mean, both as fractions of log K: DINO's
+    teacher collapses to uniform outputs when the first nears 1, onto one prototype when the second nears 0."""
+    probs = probs.double()
+    log_k = math.log(probs.shape[1])
+
+    def entropy(p: Tensor) -> Tensor:
+        return -(p * p.clamp_min(1e-30).log()).sum(dim=-1)
+
+    return float(entropy(probs).mean() / log_k), float(entropy(probs.mean(dim=0)) / log_k)
+
+
 class CollapseMonitor(L.Callback):
     """On every validation epoch, the embeddings of the first ``max_samples`` validation views (view1), from the
     backbone and, for methods that have one, from the projector (what the loss sees): logs
     ``monitor/<where>_rankme`` and ``monitor/<where>_std_x_sqrt_d`` (normalised std times sqrt(D): 1 for
     embeddings spread over the sphere, about 0.1-0.2 for a ResNet's non-negative pooled features, 0 when
-    collapsed), and warns when either falls below its threshold."""
+    collapsed), and warns when either falls below its threshold. For methods with a teacher distribution (DINO)
+    it logs ``monitor/teacher_entropy`` and ``monitor/teacher_marginal_entropy`` (see :func:`entropies`) and warns
+    above ``max_teacher_entropy`` or below ``min_teacher_marginal_entropy``."""
 
-    def __init__(self, max_samples: int, min_rankme: float, min_std_x_sqrt_d: float):
+    def __init__(self, max_samples: int, min_rankme: float, min_std_x_sqrt_d: float, max_teacher_entropy: float,
+                 min_teacher_marginal_entropy: float):
         self.max_samples = max_samples
         self.min_rankme = min_rankme
         self.min_std_x_sqrt_d = min_std_x_sqrt_d
+        self.max_teacher_entropy = max_teacher_entropy
+        self.min_teacher_marginal_entropy = min_teacher_marginal_entropy
         self._embeddings: dict[str, list[Tensor]] = {}
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -128,10 +146,15 @@ class CollapseMonitor(L.Callback):
         projector = getattr(pl_module, "projector", None)
         if projector is not None:
             self._embeddings.setdefault("projector", []).append(projector(features).float().cpu())
+        if hasattr(pl_module, "teacher_distribution"):
+            self._embeddings.setdefault("teacher", []).append(pl_module.teacher_distribution(batch["view1"]).cpu())
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        teacher = self._embeddings.pop("teacher", None)
+        if teacher is not None:
+            self._check_teacher(trainer, pl_module, torch.cat(teacher)[: self.max_samples])
         for where, parts in self._embeddings.items():
             z = torch.cat(parts)[: self.max_samples]
             rank, spread = effective_rank(z), normalised_std(z) * z.shape[1] ** 0.5
@@ -142,3 +165,13 @@ class CollapseMonitor(L.Callback):
                             "normalised std x sqrt(D) %.3f (warn below %g) over %d validation views",
                             trainer.current_epoch, where, rank, self.min_rankme, spread, self.min_std_x_sqrt_d,
                             len(z))
+
+    def _check_teacher(self, trainer: L.Trainer, pl_module: L.LightningModule, probs: Tensor) -> None:
+        entropy, marginal = entropies(probs)
+        pl_module.log("monitor/teacher_entropy", entropy)
+        pl_module.log("monitor/teacher_marginal_entropy", marginal)
+        if entropy > self.max_teacher_entropy or marginal < self.min_teacher_marginal_entropy:
+            log.warning("epoch %d: the teacher has collapsed: mean entropy %.3f of log K (warn above %g: uniform "
+                        "outputs), entropy of the mean %.3f of log K (warn below %g: one prototype) over %d "
+                        "validation views", trainer.current_epoch, entropy, self.max_teacher_entropy, marginal,
+                        self.min_teacher_marginal_entropy, len(probs))

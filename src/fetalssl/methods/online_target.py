@@ -29,6 +29,9 @@ class OnlineTargetMethod(SSLMethod):
                  tau_base: float, tau_final: float, frozen_backbone_parts: Sequence[str], **base_kwargs):
         super().__init__(backbone, **base_kwargs)
         for name in frozen_backbone_parts:
+            if not hasattr(backbone, name):
+                raise ValueError(f"method.frozen_backbone_parts: the {type(backbone).__name__} backbone has no part "
+                                 f"{name!r} (the ViT recipe needs backbone=vit_small)")
             backbone.get_submodule(name).requires_grad_(False)
         self.projector = projector(in_dim=backbone.num_features)
         self.predictor = predictor(in_dim=self.projector.out_dim)
