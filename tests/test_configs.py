@@ -70,15 +70,19 @@ def test_paper_grid_is_the_papers_540_runs_with_one_label_per_init():
         "data.root=/d"]).data.fraction) for f in params["data_fraction"]} == {0.01, 0.05, 0.1, 0.25, 0.5, 1.0}
 
 
-def test_all_methods_grid_is_the_paper_grid_over_every_ssl_method():
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("finetune", overrides=["experiment=all_methods_grid"], return_hydra_config=True)
-    params = {k: v.split(",") for k, v in cfg.hydra.sweeper.params.items()}
-    ssl_inits = {i.removeprefix("ssl_") for i in params["init"] if i.startswith("ssl_")}
-    assert ssl_inits == {m for m in choices("method")}  # every method there is, each once
-    assert set(params) == {"init", "data_fraction", "finetune_mode", "seed"}
-    assert len(list(itertools.product(*params.values()))) == (len(ssl_inits) + 2) * 6 * 2 * 5
-    assert cfg.backbone.name == "resnet50" and cfg.data.image_size == 224
+def test_all_methods_grids_are_the_paper_grid_over_every_ssl_method_on_its_backbone():
+    ssl_inits = {}
+    for preset, backbone, baselines in (("all_methods_grid", "resnet50", 2), ("all_methods_grid_vit", "vit_small_patch16_224", 1)):
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = compose("finetune", overrides=[f"experiment={preset}"], return_hydra_config=True)
+        params = {k: v.split(",") for k, v in cfg.hydra.sweeper.params.items()}
+        ssl_inits[preset] = [i.removeprefix("ssl_") for i in params["init"] if i.startswith("ssl_")]
+        assert set(params) == {"init", "data_fraction", "finetune_mode", "seed"}
+        assert len(list(itertools.product(*params.values()))) == (len(ssl_inits[preset]) + baselines) * 6 * 2 * 5
+        assert cfg.backbone.name == backbone and cfg.data.image_size == 224
+    assert set(ssl_inits["all_methods_grid_vit"]) == {"mae", "mocov3_vit"}  # the methods that need a ViT
+    every = ssl_inits["all_methods_grid"] + ssl_inits["all_methods_grid_vit"]
+    assert sorted(every) == choices("method")  # every method there is, each once
 
 
 def run_with_stub_console_scripts(script: str, names: tuple[str, ...], tmp_path: Path) -> Path:
@@ -181,7 +185,8 @@ def test_pocus_data_variance_script_pretrains_three_budgets_and_fine_tunes_over_
 
 
 PRETRAINING_PRESETS = [p for p in choices("experiment") if "package _global_" in (CONF / "experiment" / f"{p}.yaml").read_text()
-                       and "finetune" not in p and p not in ("paper_grid", "all_methods_grid", "published_baselines")]
+                       and "finetune" not in p and p not in ("paper_grid", "all_methods_grid", "all_methods_grid_vit",
+                                                            "published_baselines")]
 
 
 VIT_RECIPES = ("mae", "mocov3_vit")

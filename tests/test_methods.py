@@ -293,3 +293,38 @@ def test_nnclr_support_set_fills_in_training_only_one_batch_per_step(tmp_path):
     assert model.support.ptr.item() == 8 and torch.equal(rows[8:], start[8:])
     assert torch.allclose(rows[:8].norm(dim=1), torch.ones(8))  # L2-normalised embeddings of that batch
     assert not torch.equal(rows[:8], start[:8])
+
+
+def test_teacher_entropy_monitor_flags_uniform_and_one_prototype_teachers_of_a_real_dino(caplog):
+    from fetalssl.methods.monitor import CollapseMonitor, entropies
+
+    assert entropies(torch.full((4, 8), 1 / 8)) == pytest.approx((1.0, 1.0))
+    assert entropies(torch.eye(8)[[0, 0, 0]]) == pytest.approx((0.0, 0.0), abs=1e-12)
+    assert entropies(torch.eye(8)) == pytest.approx((0.0, 1.0), abs=1e-12)  # confident, every prototype used
+
+    def run(model):
+        logged = {}
+        model.log = lambda name, value: logged.__setitem__(name, value)
+        monitor = CollapseMonitor(max_samples=16, min_rankme=0.0, min_std_x_sqrt_d=0.0, max_teacher_entropy=0.99,
+                                  min_teacher_marginal_entropy=0.05)
+        fake_trainer = type("T", (), {"sanity_checking": False, "current_epoch": 1})()
+        caplog.clear()
+        with torch.no_grad():
+            monitor.on_validation_epoch_start(fake_trainer, model)
+            for b in loader():
+                monitor.on_validation_batch_end(fake_trainer, model, None, b, 0)
+            monitor.on_validation_epoch_end(fake_trainer, model)
+        return logged, "teacher has collapsed" in caplog.text
+
+    torch.manual_seed(0)
+    model = build("dino").eval()
+    logged, warned = run(model)
+    assert 0.05 < logged["monitor/teacher_marginal_entropy"] and logged["monitor/teacher_entropy"] < 0.99
+    assert not warned
+    model.center[0, 3] = -100.0  # prototype 3 wins for every input: the collapse that centring prevents
+    logged, warned = run(model)
+    assert logged["monitor/teacher_marginal_entropy"] < 0.05 and warned
+    model.center.zero_()
+    model.teacher.network[1].prototypes.zero_()  # every logit 0: uniform teacher outputs
+    logged, warned = run(model)
+    assert logged["monitor/teacher_entropy"] > 0.99 and warned

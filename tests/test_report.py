@@ -236,3 +236,14 @@ def test_plot_keeps_one_colour_per_init_across_modes():
     assert set(colours) == {"hog", "random", "ssl:byol"}
     assert all(len(c) == 1 for c in colours.values()) and len(set.union(*colours.values())) == 3
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["hog", "random", "ssl:byol"]
+
+
+def test_plot_tells_apart_every_init_of_a_grid_over_all_methods():
+    from fetalssl.report.tables import Cell
+
+    labels = ["imagenet", "random", *(f"ssl:m{i:02d}" for i in range(14))]  # 16 lines, more than 10 colours
+    cells = [Cell(label, fraction, "linear", "test.macro_f1", (0.5, 0.6)) for label in labels for fraction in (0.01, 1)]
+    fig = metric_vs_fraction_figure(cells, "test.macro_f1")
+    styles = {c.get_label(): (c.lines[0].get_color(), c.lines[0].get_marker(), c.lines[0].get_linestyle())
+              for c in fig.axes[0].containers}
+    assert sorted(styles) == sorted(labels) and len(set(styles.values())) == len(labels)

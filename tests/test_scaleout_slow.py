@@ -22,7 +22,8 @@ LOSS_RTOL, PARAM_ATOL = 1e-5, 1e-6
 def _train(data: Path, out: Path, run_id: str, *args: str, check: bool = True):
     env_path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
     os.environ["PYTHONPATH"] = env_path  # KillAtStep lives in tests/
-    return run_cli("fetalssl-train", *TINY, f"data.root={data}", f"data.cache_dir={out / 'cache'}",
+    tiny = [a for a in TINY if not a.startswith("method.projector")] if "method=dino" in args else TINY  # a head
+    return run_cli("fetalssl-train", *tiny, f"data.root={data}", f"data.cache_dir={out / 'cache'}",
                    f"paths.output_root={out}", f"run_id={run_id}", *args, check=check)
 
 
@@ -32,27 +33,35 @@ def _metrics(run_dir: Path, key: str) -> dict[int, float]:
     return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
 
 
-@pytest.mark.parametrize("method", ["barlowtwins", "simclr", "moco"])
+# BN-free heads for the methods with a predictor (their papers put BN in both heads).
+BN_FREE_PREDICTOR = ["method.projector.last_bn=false", "method.predictor.hidden_dims=[32]",
+                     "method.predictor.out_dim=16", "method.predictor.hidden_bn=false"]
+QUEUES = {"moco": "queue.rows", "nnclr": "support.rows"}  # filled with the global batch, rank by rank
+
+
+@pytest.mark.parametrize("method", ["barlowtwins", "simclr", "moco", "simsiam", "mocov3", "nnclr"])
 def test_two_ranks_of_batch_b_take_the_step_of_one_process_with_batch_2b(method, tiny_demo_data, tmp_path):
     step = ["trainer.max_steps=1", "trainer.limit_val_batches=0", "data.val_fraction=0",
-            "callbacks.last_checkpoint.every_n_train_steps=1", f"method={method}"]
+            "callbacks.last_checkpoint.every_n_train_steps=1", f"method={method}",
+            *(BN_FREE_PREDICTOR if method in ("simsiam", "mocov3", "nnclr") else [])]
     _train(tiny_demo_data, tmp_path, "one", *step, "trainer=cpu", "data.batch_size=8")
     _train(tiny_demo_data, tmp_path, "ddp", *step, "trainer=ddp_sim", "data.batch_size=4")
     runs = {r: tmp_path / "pretrain" / method / r for r in ("one", "ddp")}
     one, ddp = (torch.load(runs[r] / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"] for r in runs)
     assert _metrics(runs["ddp"], "train/loss")[0] == pytest.approx(_metrics(runs["one"], "train/loss")[0],
                                                                    rel=LOSS_RTOL)
-    if method == "moco":
-        # The queue holds the same 8 keys, enqueued rank by rank: rank r has samples r, r+2, ... of the batch.
+    if method in QUEUES:
+        # The queue holds the same 8 rows, enqueued rank by rank: rank r has samples r, r+2, ... of the batch.
+        key = QUEUES[method]
         order = [i for r in range(2) for i in range(r, 8, 2)]
-        torch.testing.assert_close(ddp["queue.rows"][:8], one["queue.rows"][order], atol=PARAM_ATOL, rtol=0)
-        torch.testing.assert_close(ddp["queue.rows"][8:], one["queue.rows"][8:], atol=0, rtol=0)  # initial rows
-        one.pop("queue.rows"), ddp.pop("queue.rows")
+        torch.testing.assert_close(ddp[key][:8], one[key][order], atol=PARAM_ATOL, rtol=0)
+        torch.testing.assert_close(ddp[key][8:], one[key][8:], atol=0, rtol=0)  # initial rows untouched
+        one.pop(key), ddp.pop(key)
     for name in one:
         torch.testing.assert_close(ddp[name], one[name], atol=PARAM_ATOL, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("method", ["barlowtwins", "byol"])
+@pytest.mark.parametrize("method", ["barlowtwins", "byol", "dino"])
 def test_a_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(method, tiny_demo_data, tmp_path):
     # 32 train pairs / batch 4 = 8 steps per epoch, 2 epochs; last.ckpt every 3 steps; killed after step 11
     # (epoch 1, batch 3): resumes from step 9, mid-epoch, with one data worker (lazy iteration + set_epoch).
@@ -61,6 +70,9 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_one(metho
            "callbacks.last_checkpoint.every_n_train_steps=3", "trainer.deterministic=true", f"method={method}"]
     if method == "byol":
         run += ["method.predictor.hidden_dims=[32]", "method.predictor.out_dim=16", "method.predictor.hidden_bn=false"]
+    if method == "dino":  # the centre, the teacher and the multi-crop views resume too
+        run += ["augment=multicrop", "augment.n_local=2", "method.head.hidden_dims=[32]",
+                "method.head.bottleneck_dim=8", "method.head.out_dim=64", "method.freeze_last_layer_epochs=1"]
     _train(tiny_demo_data, tmp_path, "straight", *run)
     killed = _train(tiny_demo_data, tmp_path, "resumed", *run, "+callbacks.kill._target_=_kill_at_step.KillAtStep",
                     "+callbacks.kill.step=11", check=False)

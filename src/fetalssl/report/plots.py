@@ -40,8 +40,10 @@ def metric_vs_fraction_figure(cells: Sequence[Cell], metric: str) -> Figure:
     modes = sorted({c.mode for c in cells})
     fractions = sorted({c.fraction for c in cells})
     labels = sorted({c.label for c in cells})
-    # One colour per init across all panels (an init may be missing from a mode, e.g. hog from full).
-    colour = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    # One style per init across all panels (an init may be missing from a mode, e.g. hog from full): ten
+    # colours, then the same colours with another marker and line style, so every init of a grid over all
+    # methods (15 and more) stays distinct.
+    style = {label: line_style(i) for i, label in enumerate(labels)}
     fig = Figure(figsize=(4.5 * len(modes) + 1.5, 4), layout="constrained")
     axes = fig.subplots(1, len(modes), squeeze=False, sharey=True)[0]
     handles = {}
@@ -51,7 +53,7 @@ def metric_vs_fraction_figure(cells: Sequence[Cell], metric: str) -> Figure:
             line = sorted((c for c in mode_cells if c.label == label), key=lambda c: c.fraction)
             handles[label] = ax.errorbar([c.fraction for c in line], [c.mean * 100 for c in line],
                                          yerr=[0.0 if math.isnan(c.std) else c.std * 100 for c in line],
-                                         marker="o", capsize=3, label=label, color=colour[label])
+                                         capsize=3, label=label, **style[label])
         ax.set_xscale("log")
         ax.set_xticks(fractions, [format_fraction(f) for f in fractions])
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -61,6 +63,15 @@ def metric_vs_fraction_figure(cells: Sequence[Cell], metric: str) -> Figure:
     axes[0].set_ylabel(f"{metric} (%)")
     fig.legend([handles[label] for label in labels], labels, loc="outside right upper", fontsize="small")
     return fig
+
+
+LINE_STYLES = (("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."))
+
+
+def line_style(index: int) -> dict[str, str]:
+    """Colour, marker and line style of the ``index``-th line: distinct for the first 40."""
+    marker, linestyle = LINE_STYLES[(index // 10) % len(LINE_STYLES)]
+    return {"color": f"C{index % 10}", "marker": marker, "linestyle": linestyle}
 
 
 def read_confusion_matrix(path: Path) -> tuple[list[str], np.ndarray]:
