@@ -509,8 +509,8 @@ def test_selection_tests_the_checkpoint_of_the_best_val_epoch(tmp_path, monitor_
     cfg = finetune_cfg(make_images(tmp_path / "data"), "linear", max_epochs=5)
     cfg.finetune_mode.cache_features = True
     cfg.monitor, cfg.monitor_mode = "val/loss", monitor_mode  # val/loss moves every epoch (no ties)
-    cfg.logger = {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path / "run"), "name": "logs",
-                  "version": ""}
+    cfg.logger = {"csv": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path / "run"),
+                          "name": "logs", "version": ""}}
     run_finetune(cfg, tmp_path / "run")
     rows = [r for r in csv.DictReader((tmp_path / "run" / "logs" / "metrics.csv").open()) if r.get("val/loss")]
     per_epoch = {int(r["epoch"]): float(r["val/loss"]) for r in rows}

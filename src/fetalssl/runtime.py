@@ -9,7 +9,9 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -18,6 +20,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf.errors import OmegaConfBaseException
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +111,30 @@ class BestCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
 
 
-def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Trainer:
+def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None,
+                  grid: Mapping[str, Any] | None = None) -> L.Trainer:
+    """The trainer of a composed config: its callbacks and loggers (every entry of ``cfg.logger``, e.g.
+    logger=[csv,tensorboard]). Each logger receives the composed config and the run's ``grid`` keys as
+    hyperparameters, so the runs of a sweep can be compared in the tracker."""
     pin_multirun_job_for_ddp()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     callbacks += extra_callbacks or []
-    logger_cfg = cfg.get("logger")
-    logger = instantiate(logger_cfg) if logger_cfg and "_target_" in logger_cfg else False
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if loggers:
+        hyperparameters = {"config": plain_config(cfg), "grid": dict(grid or {})}
+        for logger in trainer.loggers:
+            logger.log_hyperparams(hyperparameters)
+    return trainer
+
+
+def plain_config(cfg: DictConfig) -> dict:
+    """The config as plain data, interpolations resolved; as written where one does not resolve (a config put
+    together in code may refer to keys it lacks)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException:
+        return OmegaConf.to_container(cfg, resolve=False)
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -30,7 +31,7 @@ def train(cfg: DictConfig) -> Path:
         model.backbone.compile()
     probe_cfg = cfg.get("probe")
     extra = [instantiate(probe_cfg)] if probe_cfg and "_target_" in probe_cfg else []
-    trainer = build_trainer(cfg, extra_callbacks=extra)
+    trainer = build_trainer(cfg, extra_callbacks=extra, grid=sweep_point())
     trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, output_dir))
     backbone_path = output_dir / "backbone.pt"
     if trainer.is_global_zero:
@@ -39,6 +40,12 @@ def train(cfg: DictConfig) -> Path:
         save_torch(state, backbone_path)
         log.info("Backbone written to %s", backbone_path)
     return backbone_path
+
+
+def sweep_point() -> dict[str, str]:
+    """The command line's overrides (key -> value) of this run: what tells it apart from the other runs of a sweep."""
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    return dict(o.split("=", 1) for o in overrides if "=" in o)
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")

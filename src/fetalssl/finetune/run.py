@@ -62,8 +62,8 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 PREDICTION_FILES = {"test": "predictions.csv", "val": "val_predictions.csv"}
-# Where a run's output location lives in the config; left out of config_key so reruns share a key.
-RUN_LOCATION_KEYS = ("paths", "hydra")
+# Where a run's outputs go and which trackers see them; left out of config_key so reruns share a key.
+RUN_LOCATION_KEYS = ("paths", "hydra", "logger")
 
 
 INIT_FILE_KEYS = ("checkpoint", "config", "pretrained_path")
@@ -183,14 +183,14 @@ def labelled_images(cfg: DictConfig, output_dir: Path) -> DownstreamDataModule:
     return images
 
 
-def _train_and_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+def _train_and_evaluate(cfg: DictConfig, output_dir: Path, grid: dict[str, Any]) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     images = labelled_images(cfg, output_dir)
     backbone, init_weights = build_backbone(cfg.backbone, cfg.init)
     mode = cfg.finetune_mode
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor=cfg.monitor,
                                  mode=cfg.monitor_mode, save_top_k=1, save_weights_only=True)
-    trainer = build_trainer(cfg, extra_callbacks=[checkpoint])
+    trainer = build_trainer(cfg, extra_callbacks=[checkpoint], grid=grid)
     if trainer.world_size > 1:
         raise ValueError("fine-tuning runs on one device (predictions.csv needs every image once, in order); "
                          f"got world_size={trainer.world_size}")
@@ -303,10 +303,14 @@ def run_finetune(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                               "config_key": config_key(cfg)}
     try:
         result["grid"] = grid_point(cfg)  # reads init files: an error here is a failed run like any other
-        evaluate = (_hog_baseline if cfg.init.name == "hog" else
-                    _knn_evaluate if cfg.finetune_mode.name == "knn" else
-                    _zeroshot_evaluate if cfg.finetune_mode.name == "zeroshot" else _train_and_evaluate)
-        result.update(evaluate(cfg, output_dir))
+        if cfg.init.name == "hog":
+            result.update(_hog_baseline(cfg, output_dir))
+        elif cfg.finetune_mode.name == "knn":
+            result.update(_knn_evaluate(cfg, output_dir))
+        elif cfg.finetune_mode.name == "zeroshot":
+            result.update(_zeroshot_evaluate(cfg, output_dir))
+        else:  # the one that trains with Lightning, and so logs to the trackers
+            result.update(_train_and_evaluate(cfg, output_dir, result["grid"]))
     except Exception as err:
         result["error"] = f"{type(err).__name__}: {err}"
         save_json(result, output_dir / METRICS_FILE)
