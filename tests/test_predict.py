@@ -24,7 +24,8 @@ from fetalssl.predict.scan import SUMMARY_FILE, FinderSettings, output_folder, r
 from fetalssl.predict.timeline import OTHER, best_frames, frame_labels, smooth
 
 CONF = Path(__file__).resolve().parents[1] / "src" / "fetalssl" / "conf"
-SETTINGS = FinderSettings(batch_size=8, smooth_window=3, abstain_threshold=None, found_threshold=0.5, truth_suffix=".csv")
+SETTINGS = FinderSettings(batch_size=8, smooth_window=3, abstain_threshold=None, found_threshold=0.5, truth_suffix=".csv",
+                           progress_every_seconds=30)
 
 
 def make_run_dir(root: Path, image_size: int = 32, seed: int = 0) -> Path:
@@ -222,7 +223,7 @@ def test_best_frame_of_each_plane_lies_in_its_true_segment_after_finetuning_on_d
 
     results = run_finder(data / "videos", tmp_path / "out", load_predictor(run),
                          FinderSettings(batch_size=32, smooth_window=5, abstain_threshold=None, found_threshold=0.5,
-                                        truth_suffix=".csv"))
+                                        truth_suffix=".csv", progress_every_seconds=30))
     assert len(results) == 2 and all(r["status"] == "ok" for r in results)
     for result in results:
         inside = result["truth"]["best_frame_in_true_segment"]
@@ -238,7 +239,7 @@ def test_clips_shorter_than_the_window_and_stills_are_classified_and_every_input
     (inputs / "fake.jpg").write_text("not an image")
     out = tmp_path / "out"
     settings = FinderSettings(batch_size=8, smooth_window=9, abstain_threshold=None, found_threshold=0.5,
-                              truth_suffix=".csv")
+                              truth_suffix=".csv", progress_every_seconds=30)
     results = {Path(r["input"]).name: r for r in run_finder(inputs, out, load_predictor(run_dir), settings)}
     assert {n: r["status"] for n, r in results.items()} == {"three.mp4": "ok", "screenshot.png": "ok",
                                                              "fake.jpg": "failed"}
@@ -264,7 +265,7 @@ def test_a_plane_is_found_only_when_its_best_score_reaches_the_threshold():
     found = {b.plane: b.found for b in best_frames(p, ["A", "B", "C"], found_threshold=0.5)}
     assert found == {"A": True, "B": False, "C": False}  # 0.001 is no plane
     settings = FinderSettings(batch_size=1, smooth_window=1, abstain_threshold=0.95, found_threshold=0.5,
-                              truth_suffix=None)
+                              truth_suffix=None, progress_every_seconds=30)
     assert settings.found_at == 0.95  # abstaining at 0.95 also withholds "found" below it
 
 

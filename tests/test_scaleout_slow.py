@@ -102,3 +102,22 @@ def test_a_ddp_multirun_writes_one_directory_per_sweep_point(tiny_demo_data, tmp
         assert (sweep / point / "backbone.pt").is_file()
         assert (sweep / point / "train_ddp_process_1.log").is_file()  # rank 1 ran in this job's dir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "sweep"]  # no stray run dirs
+
+
+def test_a_dino_run_without_centring_and_momentum_is_flagged_as_collapsed_and_a_normal_one_is_not(tiny_demo_data,
+                                                                                                  tmp_path):
+    """The broken run is DINO with neither of the paper's two guards (no centring: centre momentum 1; no momentum
+    teacher: tau 0), which collapses onto one prototype (section 5.3); the normal run is the same with its
+    paper's values."""
+    run = ["method=dino", "augment=multicrop", "augment.n_local=2", "method.head.hidden_dims=[32]",
+           "method.head.bottleneck_dim=8", "method.head.out_dim=64", "trainer.max_epochs=2", "data.batch_size=8",
+           "data.val_fraction=0.5", "method.warmup_epochs=0"]
+    broken = ["method.center_momentum=1.0", "method.tau_base=0", "method.tau_final=0"]
+    warned, marginal = {}, {}
+    for name, extra in (("normal", []), ("broken", broken)):
+        _train(tiny_demo_data, tmp_path, name, *run, *extra)
+        run_dir = tmp_path / "pretrain" / "dino" / name
+        warned[name] = "the teacher has collapsed" in (run_dir / "train.log").read_text()
+        marginal[name] = list(_metrics(run_dir, "monitor/teacher_marginal_entropy").values())[-1]
+    assert warned == {"normal": False, "broken": True}
+    assert marginal["broken"] < 0.05 < marginal["normal"]

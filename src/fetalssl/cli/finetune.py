@@ -11,17 +11,22 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from fetalssl.cli.sweep import log_sweep_point
 from fetalssl.finetune.pretrain_sweep import expand_pretrain_sweep
 from fetalssl.finetune.run import run_unless_finished
+from fetalssl.progress import configure_console
 
 log = logging.getLogger(__name__)
 
 
 @hydra.main(config_path="../conf", config_name="finetune", version_base="1.3")
 def run(cfg: DictConfig) -> None:
+    configure_console(cfg.verbose)
+    log_sweep_point()
     output_dir = Path(cfg.paths.output_dir)
     try:
         run_unless_finished(cfg, output_dir)
+        log.info("run folder %s", output_dir)
     except Exception:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             raise

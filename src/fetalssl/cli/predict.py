@@ -17,14 +17,16 @@ from omegaconf import DictConfig
 
 from fetalssl.predict.predictor import load_predictor
 from fetalssl.predict.scan import SUMMARY_FILE, FinderSettings, run_finder
+from fetalssl.progress import configure_console
 
 log = logging.getLogger(__name__)
 
 
 def predict(cfg: DictConfig) -> int:
+    configure_console(cfg.verbose)
     settings = FinderSettings(batch_size=cfg.batch_size, smooth_window=cfg.smooth_window,
                               abstain_threshold=cfg.abstain_threshold, found_threshold=cfg.found_threshold,
-                              truth_suffix=cfg.truth_suffix)
+                              truth_suffix=cfg.truth_suffix, progress_every_seconds=cfg.progress_every_seconds)
     try:
         predictor = load_predictor(cfg.model, cfg.device)
         results = run_finder(Path(cfg.input), Path(cfg.out_dir), predictor, settings)

@@ -10,10 +10,12 @@ from omegaconf import DictConfig
 from fetalssl.data.index import index_videos
 from fetalssl.data.prepare_report import write_prepare_report
 from fetalssl.data.pretrain import prepare
+from fetalssl.progress import configure_console
 
 
 @hydra.main(config_path="../conf", config_name="prepare", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    configure_console(cfg.verbose)
     summary = prepare(cfg.data)
     print(summary)
     records = index_videos(cfg.data.root, cfg.data.manifest, cfg.data.patient_pattern)

@@ -12,7 +12,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from fetalssl.cli.sweep import log_sweep_point
 from fetalssl.io import save_torch
+from fetalssl.progress import configure_console
 from fetalssl.runtime import build_trainer, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,10 @@ def sweep_point() -> dict[str, str]:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    configure_console(cfg.verbose)
+    log_sweep_point()
+    backbone = train(cfg)
+    log.info("run folder %s", backbone.parent)
 
 
 if __name__ == "__main__":

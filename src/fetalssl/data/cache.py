@@ -28,6 +28,7 @@ from fetalssl.data.index import VideoRecord
 from fetalssl.data.scan import ScanLayout, ScanOptions, analyse_clip, apply_to_frames, intensity_moments
 from fetalssl.data.video import VideoReadError, declared_frame_count, read_gray_and_colour, resize_short_side
 from fetalssl.io import TMP_SUFFIX, atomic_write
+from fetalssl.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def _remove_orphan_temps(cache_dir: Path) -> None:
 
 def build_cache(
     records: Sequence[VideoRecord], cache_dir: str | Path, short_side: int | None, stride: int, rgb: bool,
-    min_decoded_fraction: float, scan: ScanOptions,
+    min_decoded_fraction: float, scan: ScanOptions, progress_every_seconds: float | None = None,
 ) -> CacheSummary:
     """Decode every record not already fresh in the cache; skip unreadable videos with one warning each.
 
@@ -181,7 +182,8 @@ def build_cache(
 
     A video that decodes to fewer frames than its container declares (truncated, damaged) is named in the
     summary with both counts; it is kept if at least ``min_decoded_fraction`` of the declared frames decoded,
-    and skipped otherwise. Raises CacheError when no video at all could be cached.
+    and skipped otherwise. Raises CacheError when no video at all could be cached. ``progress_every_seconds``:
+    show progress (fetalssl.progress.progress); None: silent.
     """
     cache_dir = Path(cache_dir)
     (cache_dir / FRAMES_DIR).mkdir(parents=True, exist_ok=True)
@@ -189,6 +191,8 @@ def build_cache(
     _remove_orphan_temps(cache_dir)
     entries = load_index(cache_dir)
     summary = CacheSummary(videos=[], built=0, reused=0)
+    if progress_every_seconds is not None:
+        records = progress(records, len(records), "frame cache", progress_every_seconds)
     for record in records:
         key = entry_key(record.path, short_side, stride, rgb, scan)
         try:

@@ -44,7 +44,7 @@ def prepare(cfg_data: Mapping[str, Any]) -> CacheSummary:
     records = index_videos(cfg_data["root"], cfg_data["manifest"], cfg_data["patient_pattern"])
     return build_cache(records, cfg_data["cache_dir"], short_side=cfg_data["short_side"], stride=cfg_data["stride"],
                        rgb=CACHE_RGB, min_decoded_fraction=cfg_data["min_decoded_fraction"],
-                       scan=instantiate(cfg_data["scan"]))
+                       scan=instantiate(cfg_data["scan"]), progress_every_seconds=cfg_data["progress_every_seconds"])
 
 
 def patient_subset(videos: Sequence[CachedVideo], fraction: float, seed: int) -> list[CachedVideo]:
@@ -313,6 +313,7 @@ class VideoFramePairDataModule(L.LightningDataModule):
         short_side: int,
         stride: int,
         min_decoded_fraction: float,
+        progress_every_seconds: float,
         image_size: int,
         channels: int,
         mean: float | None,
@@ -345,6 +346,7 @@ class VideoFramePairDataModule(L.LightningDataModule):
         self.short_side = short_side
         self.stride = stride
         self.min_decoded_fraction = min_decoded_fraction
+        self.progress_every_seconds = progress_every_seconds
         self.image_size = image_size
         self.channels = channels
         if (mean is None) != (std is None):
@@ -388,7 +390,8 @@ class VideoFramePairDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         build_cache(self._records(), self.cache_dir, self.short_side, self.stride, CACHE_RGB,
-                    min_decoded_fraction=self.min_decoded_fraction, scan=self.scan)
+                    min_decoded_fraction=self.min_decoded_fraction, scan=self.scan,
+                    progress_every_seconds=self.progress_every_seconds)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

@@ -113,9 +113,9 @@ class PlaneClassifier(L.LightningModule):
         for name, value in zip(self.classes, computed["per_class_f1"], strict=True):
             self.log(f"{stage}/f1_{name}", value)
         self.confusion_matrices[stage] = computed["confusion_matrix"].cpu()
-        # Every validation epoch would flood the console; the test matrix is shown (and saved by run.py).
-        log.log(logging.INFO if stage == "test" else logging.DEBUG, "%s confusion matrix (rows true, cols pred, %s):\n%s",
-                stage, self.classes, self.confusion_matrices[stage].numpy())
+        # In the console only with verbose=true: run.py saves the test matrix as CSV and PNG.
+        log.debug("%s confusion matrix (rows true, cols pred, %s):\n%s", stage, self.classes,
+                  self.confusion_matrices[stage].numpy())
 
     def validation_step(self, batch, batch_idx):
         self._eval_step("val", batch)

@@ -62,7 +62,7 @@ def cached_extract_features(backbone: nn.Module, loader: DataLoader, device: tor
         try:
             cached = torch.load(path, map_location="cpu", weights_only=True)
             if len(cached["labels"]) == len(loader.dataset):
-                log.info("Read cached features %s", path)
+                log.debug("Read cached features %s", path)
                 return cached["features"], cached["labels"]
             log.warning("%s holds %d rows, expected %d: recomputing", path, len(cached["labels"]),
                         len(loader.dataset))
@@ -94,7 +94,7 @@ class CachedFeatureDataModule(SplitDataModule):
             for split in SPLITS:
                 features[split] = cached_extract_features(backbone, images.loader(split), device,
                                                           None if cache_dir is None else Path(cache_dir), weights)
-                log.info("Features %s of %d %s images", tuple(features[split][0].shape[1:]),
+                log.debug("Features %s of %d %s images", tuple(features[split][0].shape[1:]),
                          len(features[split][0]), split)
         return cls(features, images.batch_size, images.seed)
 

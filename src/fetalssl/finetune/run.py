@@ -211,7 +211,7 @@ def _train_and_evaluate(cfg: DictConfig, output_dir: Path, grid: dict[str, Any])
 
     trainer.fit(model, datamodule=data)
     best = checkpoint.best_model_path
-    log.info("Best %s = %s at %s", cfg.monitor, checkpoint.best_model_score, best)
+    log.info("best %s %.4f (%s)", cfg.monitor, checkpoint.best_model_score, Path(best).name)
     logged_test = trainer.test(model, datamodule=data, ckpt_path=best, verbose=False)[0]
     probs = {split: _predict(trainer, model, data.loader(split), best) for split in PREDICTION_FILES}
     result = _write_outputs(images, probs, output_dir)
@@ -317,7 +317,8 @@ def run_finetune(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         raise
     result["status"] = "ok"
     save_json(result, output_dir / METRICS_FILE)
-    log.info("Test: %s", {k: result["test"][k] for k in ("macro_f1", "balanced_accuracy", "accuracy")})
+    log.info("test macro-F1 %.3f, balanced accuracy %.3f, accuracy %.3f",
+             *(result["test"][k] for k in ("macro_f1", "balanced_accuracy", "accuracy")))
     return result
 
 

@@ -32,6 +32,7 @@ from fetalssl.data.video import CONTAINER_EXTENSIONS, DICOM_EXTENSIONS, VideoRea
 from fetalssl.io import save_json
 from fetalssl.predict.predictor import Predictor
 from fetalssl.predict.timeline import OTHER, BestFrame, best_frames, frame_labels, smooth, timeline_figure
+from fetalssl.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class FinderSettings:
     abstain_threshold: float | None  # frames whose top smoothed probability is lower are labelled `other`
     found_threshold: float  # a plane whose best smoothed score is lower is reported as not found
     truth_suffix: str | None  # sibling file with the true plane per frame (frame,plane); None: never read
+    progress_every_seconds: float  # inputs done: a bar in a terminal, else a log line this often
 
     @property
     def found_at(self) -> float:
@@ -205,7 +207,8 @@ def run_finder(input_path: Path, out_dir: Path, predictor: Predictor, settings: 
     rest go on. The summary of an earlier run into the same out_dir is kept: its entries for other inputs stay,
     and an input processed again gets its new entry."""
     results = []
-    for video in find_inputs(input_path):
+    inputs = find_inputs(input_path)
+    for video in progress(inputs, len(inputs), "inputs", settings.progress_every_seconds):
         folder = output_folder(video, input_path, out_dir)
         try:
             scan = process_video(video, folder, predictor, settings)
