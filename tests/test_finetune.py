@@ -64,6 +64,7 @@ def finetune_cfg(source: Path, mode: str = "linear", **trainer):
         "init": init_config("random"),
         "finetune_mode": OmegaConf.load(CONF / "finetune_mode" / f"{mode}.yaml"),
         "feature_cache_dir": None,
+        "calibration": {"n_bins": 10, "temperature_scaling": True},
         "classifier": {"class_weighted": True, "warmup_fraction": 0.1,
                        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "weight_decay": 0.01}},
         "monitor": "val/balanced_accuracy",
@@ -244,6 +245,18 @@ def test_run_writes_files_and_metrics_match_sklearn(tmp_path, cache_features):
     assert matrix.sum() == len(rows) and np.trace(matrix) == sum(t == p for t, p in zip(y_true, y_pred, strict=True))
     assert (out / "confusion_matrix.png").stat().st_size > 0
     assert (out / "checkpoints" / "best.ckpt").is_file()
+    # calibration of the test predictions as written, the temperature fitted on the val predictions
+    from fetalssl.finetune.calibration import expected_calibration_error, fit_temperature
+
+    def probs_and_targets(file_rows):
+        probs = torch.tensor([[float(r[f"prob_{c}"]) for c in CLASSES] for r in file_rows], dtype=torch.float64)
+        return probs, torch.tensor([CLASSES.index(r["label"]) for r in file_rows])
+
+    calibration = saved["calibration"]
+    assert calibration["ece"] == pytest.approx(expected_calibration_error(*probs_and_targets(rows), 10), abs=1e-5)
+    assert calibration["temperature"] == pytest.approx(fit_temperature(*probs_and_targets(val_rows)), rel=1e-3)
+    assert sum(b["count"] for b in calibration["bins"]) == len(rows)
+    assert (out / "reliability.png").stat().st_size > 0
 
 
 def test_cached_linear_probe_run_learns_the_toy_task(tmp_path):

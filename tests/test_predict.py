@@ -194,6 +194,7 @@ def finetune_cfg_64px(root: Path, max_epochs: int):
         "backbone": OmegaConf.load(CONF / "backbone" / "resnet18.yaml"),
         "init": init_config("random"),
         "finetune_mode": OmegaConf.load(CONF / "finetune_mode" / "full.yaml"),
+        "calibration": {"n_bins": 10, "temperature_scaling": True},
         "classifier": {"class_weighted": True, "warmup_fraction": 0.05,
                        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "weight_decay": 0.01}},
         "monitor": "val/balanced_accuracy", "monitor_mode": "max",

@@ -73,7 +73,8 @@ def sweep(tmp_path: Path) -> Path:
                         payload = {"status": "ok", "grid": grid, "config_key": f"k{job}",
                                    "test": {"macro_f1": f1, "balanced_accuracy": f1 + 0.01, "accuracy": f1 + 0.02,
                                             "per_class_f1": dict.fromkeys(CLASSES, f1)},
-                                   "val": {"macro_f1": 0.0}}
+                                   "val": {"macro_f1": 0.0},
+                                   "calibration": {"n_bins": 15, "ece": f1 / 10, "bins": [{"count": 3}]}}
                     write_run(root / str(job), payload, overrides, confusion=known_confusion(seed),
                               confusion_row_names=seed % 2 == 0)
                     job += 1
@@ -247,3 +248,12 @@ def test_plot_tells_apart_every_init_of_a_grid_over_all_methods():
     styles = {c.get_label(): (c.lines[0].get_color(), c.lines[0].get_marker(), c.lines[0].get_linestyle())
               for c in fig.axes[0].containers}
     assert sorted(styles) == sorted(labels) and len(set(styles.values())) == len(labels)
+
+
+def test_report_tabulates_test_calibration_error_by_default(sweep: Path, tmp_path: Path):
+    assert main([str(sweep), "--out", str(tmp_path / "r")]) == 0
+    results = read_results_csv(tmp_path / "r" / "results.csv")
+    point = ("random", FRACTIONS[0], MODES[0], "calibration.ece")
+    expected = np.mean([known_macro_f1("random", FRACTIONS[0], MODES[0], seed) / 10 for seed in SEEDS])
+    assert float(results[point]["mean"]) == pytest.approx(expected)
+    assert (tmp_path / "r" / "calibration_ece_vs_fraction.png").is_file()

@@ -35,6 +35,7 @@ from fetalssl.report.tables import (
 
 DEFAULT_METRIC = "test.macro_f1"
 VIDEO_METRIC = "test_video.macro_f1"  # tabulated too when the runs report video-level scores
+CALIBRATION_METRIC = "calibration.ece"  # and the test ECE, when the runs report it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: SWEEP_DIR/report)")
     parser.add_argument("--metric", nargs="+", default=None,
                         help=f"metrics to tabulate and plot; a bare name means test.<name> "
-                             f"(default: {DEFAULT_METRIC}, plus {VIDEO_METRIC} when present)")
+                             f"(default: {DEFAULT_METRIC}, plus {VIDEO_METRIC} and {CALIBRATION_METRIC} when "
+                             "present; also calibration.ece_scaled, calibration.temperature)")
     parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
                         help="init labels to compare (B - A) within each finetune mode, e.g. hog ssl:barlowtwins, "
                              "or across modes as LABEL@MODE, e.g. hog@linear ssl:barlowtwins@full; repeatable")
@@ -77,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     available = {m for r in results.ok for m in r.metrics}
     if args.metric is None:
-        metrics = [DEFAULT_METRIC] + ([VIDEO_METRIC] if VIDEO_METRIC in available else [])
+        metrics = [DEFAULT_METRIC] + [m for m in (VIDEO_METRIC, CALIBRATION_METRIC) if m in available]
     else:
         metrics = [resolve_metric(m) for m in args.metric]
     unknown = [m for m in metrics if results.ok and m not in available]

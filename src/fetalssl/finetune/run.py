@@ -29,6 +29,7 @@ from torch import nn
 from fetalssl.data.downstream import DownstreamDataModule
 from fetalssl.evaluation import weighted_knn_probs
 from fetalssl.finetune import hog
+from fetalssl.finetune.calibration import calibration_report, plot_reliability
 from fetalssl.finetune.classifier import PlaneClassifier
 from fetalssl.finetune.features import CachedFeatureDataModule, cached_extract_features, weights_digest
 from fetalssl.finetune.init import (
@@ -150,7 +151,8 @@ def _predict(trainer: L.Trainer, model: PlaneClassifier, loader, ckpt_path: str)
     return torch.cat(trainer.predict(model, dataloaders=loader, ckpt_path=ckpt_path)).float().cpu()
 
 
-NORMALIZATION_FILE = "normalization.json"  # the mean/std a run used (read by fetalssl-predict and -export)
+NORMALIZATION_FILE = "normalization.json"
+RELIABILITY_FILE = "reliability.png"  # the mean/std a run used (read by fetalssl-predict and -export)
 
 
 def labelled_images(cfg: DictConfig, output_dir: Path) -> DownstreamDataModule:
@@ -214,7 +216,7 @@ def _train_and_evaluate(cfg: DictConfig, output_dir: Path, grid: dict[str, Any])
     log.info("best %s %.4f (%s)", cfg.monitor, checkpoint.best_model_score, Path(best).name)
     logged_test = trainer.test(model, datamodule=data, ckpt_path=best, verbose=False)[0]
     probs = {split: _predict(trainer, model, data.loader(split), best) for split in PREDICTION_FILES}
-    result = _write_outputs(images, probs, output_dir)
+    result = _write_outputs(images, probs, output_dir, cfg.calibration)
     result["logged_test"] = {k: float(v) for k, v in logged_test.items()}
     result["best_checkpoint"] = best
     result["init_weights"] = init_weights
@@ -222,9 +224,10 @@ def _train_and_evaluate(cfg: DictConfig, output_dir: Path, grid: dict[str, Any])
     return result
 
 
-def _write_outputs(images: DownstreamDataModule, probs: dict[str, torch.Tensor],
-                   output_dir: Path) -> dict[str, Any]:
-    """predictions / confusion files and the metrics.json sections, from class probabilities per split."""
+def _write_outputs(images: DownstreamDataModule, probs: dict[str, torch.Tensor], output_dir: Path,
+                   calibration: DictConfig) -> dict[str, Any]:
+    """predictions / confusion / reliability files and the metrics.json sections, from class probabilities per
+    split."""
     result: dict[str, Any] = {}
     labels_csv = images.labels_csv()
     video_of = video_labels(labels_csv) if labels_csv is not None else None
@@ -239,6 +242,10 @@ def _write_outputs(images: DownstreamDataModule, probs: dict[str, torch.Tensor],
     if video_of is not None:
         result["test_video"] = video_metrics_from_predictions(output_dir / PREDICTION_FILES["test"], video_of,
                                                               images.classes)
+    targets = {split: torch.from_numpy(images.dataset(split).labels).long() for split in ("val", "test")}
+    result["calibration"] = calibration_report((probs["val"], targets["val"]), (probs["test"], targets["test"]),
+                                               calibration.n_bins, calibration.temperature_scaling)
+    plot_reliability(result["calibration"], output_dir / RELIABILITY_FILE)
     result["classes"] = list(images.classes)
     result["normalization"] = {"mean": images.mean, "std": images.std}
     result["input"] = {"image_size": images.image_size, "channels": images.channels,
@@ -260,7 +267,7 @@ def _knn_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     probs = {split: weighted_knn_probs(train_x, train_y, features[split][0], cfg.finetune_mode.k,
                                        cfg.finetune_mode.temperature, len(images.classes))
              for split in PREDICTION_FILES}
-    return {**_write_outputs(images, probs, output_dir), "init_weights": init_weights,
+    return {**_write_outputs(images, probs, output_dir, cfg.calibration), "init_weights": init_weights,
             "pretrain": pretraining_of(cfg.init)}
 
 
@@ -285,14 +292,14 @@ def _zeroshot_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     for split in PREDICTION_FILES:  # the training split is never embedded: zero-shot has no use for it
         features, _ = cached_extract_features(tower, images.loader(split), torch.device("cpu"), cache, weights)
         probs[split] = zeroshot_probs(features, classes, scale)
-    return {**_write_outputs(images, probs, output_dir), "init_weights": init_weights, "prompts": prompts,
+    return {**_write_outputs(images, probs, output_dir, cfg.calibration), "init_weights": init_weights, "prompts": prompts,
             "train_size": 0, "train_class_counts": dict.fromkeys(images.classes, 0)}
 
 
 def _hog_baseline(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """init=hog: logistic regression on HOG features through the same data, files and metrics."""
     images, probs = hog.fit_and_predict(cfg, output_dir)
-    return {**_write_outputs(images, probs, output_dir), "features": "hog"}
+    return {**_write_outputs(images, probs, output_dir, cfg.calibration), "features": "hog"}
 
 
 def run_finetune(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:

@@ -26,7 +26,7 @@ METRICS_FILE = "metrics.json"
 HYDRA_DIR = ".hydra"
 MULTIRUN_FILE = "multirun.yaml"
 # Sections of metrics.json whose numeric leaves are collected (frame-level test and, if present, video-level).
-METRIC_SECTIONS = ("test", "test_video")
+METRIC_SECTIONS = ("test", "test_video", "calibration")
 # Grid keys every successful run must carry: they define a table cell (and the seed it averages over).
 REQUIRED_GRID_KEYS = ("init", "fraction", "finetune_mode", "seed")
 KNOWN_STATUSES = ("ok", "failed")
