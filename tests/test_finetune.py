@@ -257,6 +257,13 @@ def test_run_writes_files_and_metrics_match_sklearn(tmp_path, cache_features):
     assert calibration["temperature"] == pytest.approx(fit_temperature(*probs_and_targets(val_rows)), rel=1e-3)
     assert sum(b["count"] for b in calibration["bins"]) == len(rows)
     assert (out / "reliability.png").stat().st_size > 0
+    if cache_features:  # the frozen init's test features, in predictions.csv's order, for the report's maps
+        with np.load(out / "test_embeddings.npz") as embeddings:
+            assert embeddings["features"].shape == (len(rows), 512)
+            assert list(embeddings["labels"]) == y_true
+            assert list(embeddings["patients"]) == [r["patient_id"] for r in rows]
+    else:
+        assert not (out / "test_embeddings.npz").exists()
 
 
 def test_cached_linear_probe_run_learns_the_toy_task(tmp_path):

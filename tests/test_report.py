@@ -257,3 +257,29 @@ def test_report_tabulates_test_calibration_error_by_default(sweep: Path, tmp_pat
     expected = np.mean([known_macro_f1("random", FRACTIONS[0], MODES[0], seed) / 10 for seed in SEEDS])
     assert float(results[point]["mean"]) == pytest.approx(expected)
     assert (tmp_path / "r" / "calibration_ece_vs_fraction.png").is_file()
+
+
+def test_report_maps_each_frozen_inits_test_features_and_scores_how_they_separate_the_classes(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    classes = np.repeat(CLASSES, 8)
+    patients = np.tile([f"p{i}" for i in range(8)], len(CLASSES))
+    centres = {c: rng.normal(size=16) * 5 for c in CLASSES}
+    separable = np.stack([centres[c] + rng.normal(size=16) * 0.3 for c in classes])
+    noise = rng.normal(size=(len(classes), 16))
+    root = tmp_path / "sweep"
+    for job, (init, method, seed, features) in enumerate([("ssl", "barlowtwins", 0, separable),
+                                                          ("ssl", "barlowtwins", 1, noise),  # not the one drawn
+                                                          ("random", None, 0, noise)]):
+        grid = {"init": init, "method": method, "fraction": 0.1, "finetune_mode": "linear_cached", "seed": seed,
+                "backbone": "resnet18"}
+        write_run(root / str(job), {"status": "ok", "grid": grid, "test": {"macro_f1": 0.5}},
+                  [f"init={init}", f"seed={seed}"])
+        np.savez(root / str(job) / "test_embeddings.npz", features=features, labels=classes, patients=patients)
+    assert main([str(root), "--out", str(tmp_path / "r")]) == 0
+    with open(tmp_path / "r" / "embeddings.csv", newline="") as fh:
+        rows = {r["init"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"ssl:barlowtwins", "random"} and rows["ssl:barlowtwins"]["source"].endswith("/0")
+    assert float(rows["ssl:barlowtwins"]["knn_accuracy"]) == 1.0 and float(rows["ssl:barlowtwins"]["silhouette"]) > 0.5
+    assert float(rows["random"]["knn_accuracy"]) < 0.6 and abs(float(rows["random"]["silhouette"])) < 0.1
+    assert (tmp_path / "r" / "embeddings.png").stat().st_size > 0
+    assert "| ssl:barlowtwins | 40 | 1.000 |" in (tmp_path / "r" / "results.md").read_text()

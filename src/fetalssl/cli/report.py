@@ -23,6 +23,7 @@ from pathlib import Path
 
 from fetalssl.report.bootstrap import compare, markdown_comparisons, split_side, write_comparisons_csv
 from fetalssl.report.collect import METRIC_SECTIONS, collect_sweep
+from fetalssl.report.embeddings import KNN_K, collect_embeddings, plot_embeddings, write_embedding_summary
 from fetalssl.report.plots import plot_confusion_grid, plot_metric_vs_fraction, sum_confusions
 from fetalssl.report.pretraining import comparison_pairs, plot_metric_vs_pretraining, pretraining_keys
 from fetalssl.report.tables import (
@@ -36,6 +37,7 @@ from fetalssl.report.tables import (
 DEFAULT_METRIC = "test.macro_f1"
 VIDEO_METRIC = "test_video.macro_f1"  # tabulated too when the runs report video-level scores
 CALIBRATION_METRIC = "calibration.ece"  # and the test ECE, when the runs report it
+TSNE_SEED = 0  # the same maps for the same runs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +65,13 @@ def resolve_metric(name: str) -> str:
 
 def plot_filename(metric: str) -> str:
     return "f1_vs_fraction.png" if metric == DEFAULT_METRIC else f"{metric.replace('.', '_')}_vs_fraction.png"
+
+
+def markdown_embeddings(rows: Sequence[dict]) -> str:
+    lines = ["## Frozen features of the test images (embeddings.png)", "",
+             f"| init | images | {KNN_K}-NN accuracy (leave-one-out) | silhouette (cosine) |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['init']} | {r['images']} | {r['knn_accuracy']:.3f} | {r['silhouette']:.3f} |" for r in rows]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,6 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         markdown += "\n" + markdown_comparisons(comparisons) + "\n"
         written.append(out / "comparisons.csv")
         write_comparisons_csv(comparisons, written[-1])
+    embeddings = collect_embeddings(results.ok, lambda record: make_labeller(results.ok)(record.grid))
+    if embeddings:  # frozen-backbone runs left their test features: how each init separates the classes
+        written += [out / "embeddings.png", out / "embeddings.csv"]
+        rows = plot_embeddings(embeddings, written[-2], seed=TSNE_SEED)
+        write_embedding_summary(rows, written[-1])
+        markdown += "\n" + markdown_embeddings(rows) + "\n"
     write_results_csv(cells, written[0])
     write_runs_csv(results.ok, results.root, written[1])
     written[2].write_text(markdown)

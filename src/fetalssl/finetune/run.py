@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -49,7 +50,7 @@ from fetalssl.finetune.metrics import (
 )
 from fetalssl.finetune.pretrain_sweep import grid_keys as pretraining_grid_keys
 from fetalssl.finetune.pretrain_sweep import pretraining_record
-from fetalssl.io import save_json
+from fetalssl.io import atomic_write, save_json
 from fetalssl.models.open_clip_tower import (
     ImageTower,
     class_text_embeddings,
@@ -152,7 +153,8 @@ def _predict(trainer: L.Trainer, model: PlaneClassifier, loader, ckpt_path: str)
 
 
 NORMALIZATION_FILE = "normalization.json"
-RELIABILITY_FILE = "reliability.png"  # the mean/std a run used (read by fetalssl-predict and -export)
+RELIABILITY_FILE = "reliability.png"
+EMBEDDINGS_FILE = "test_embeddings.npz"  # frozen-backbone runs: the init's features of the test images  # the mean/std a run used (read by fetalssl-predict and -export)
 
 
 def labelled_images(cfg: DictConfig, output_dir: Path) -> DownstreamDataModule:
@@ -204,6 +206,7 @@ def _train_and_evaluate(cfg: DictConfig, output_dir: Path, grid: dict[str, Any])
             raise ValueError(f"finetune_mode.cache_features needs a frozen backbone, not trainable={mode.trainable}")
         data = CachedFeatureDataModule.from_images(backbone, images, trainer.strategy.root_device,
                                                    cache_dir=cfg.feature_cache_dir)
+        save_test_embeddings(images, data.features["test"][0], output_dir)
         backbone = nn.Identity()
     model = PlaneClassifier(
         backbone=backbone, num_features=num_features, classes=images.classes, trainable=mode.trainable,
@@ -222,6 +225,15 @@ def _train_and_evaluate(cfg: DictConfig, output_dir: Path, grid: dict[str, Any])
     result["init_weights"] = init_weights
     result["pretrain"] = pretraining_of(cfg.init)
     return result
+
+
+def save_test_embeddings(images: DownstreamDataModule, features: torch.Tensor, output_dir: Path) -> None:
+    """The frozen init's features of the test images, in predictions.csv's order, with class and patient: what
+    fetalssl-report --embeddings draws."""
+    dataset = images.dataset("test")
+    atomic_write(output_dir / EMBEDDINGS_FILE, lambda f: np.savez_compressed(
+        f, features=features.float().numpy(), labels=np.asarray([images.classes[i] for i in dataset.labels]),
+        patients=np.asarray([row.patient_id for row in dataset.rows])))
 
 
 def _write_outputs(images: DownstreamDataModule, probs: dict[str, torch.Tensor], output_dir: Path,
@@ -263,6 +275,7 @@ def _knn_evaluate(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     backbone, init_weights = build_backbone(cfg.backbone, cfg.init)
     features = CachedFeatureDataModule.from_images(backbone, images, torch.device("cpu"),
                                                    cache_dir=cfg.feature_cache_dir).features
+    save_test_embeddings(images, features["test"][0], output_dir)
     train_x, train_y = features["train"]
     probs = {split: weighted_knn_probs(train_x, train_y, features[split][0], cfg.finetune_mode.k,
                                        cfg.finetune_mode.temperature, len(images.classes))
