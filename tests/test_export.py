@@ -56,6 +56,8 @@ def test_exported_models_give_the_checkpoint_probabilities_within_1e4(exported, 
         got = backend.predict_frames(frames, batch_size=10)
         assert np.abs(got - expected).max() < TOLERANCE
         assert (got.argmax(1) == expected.argmax(1)).all()
+        assert backend.saliency(frames[:1], [0]) is None  # exported graphs carry no gradients: no Grad-CAM
+    assert reference.saliency(frames[:1], [0]) is not None
 
 
 def test_export_refuses_an_eval_transform_it_cannot_describe(tmp_path):

@@ -65,6 +65,7 @@ def finetune_cfg(source: Path, mode: str = "linear", **trainer):
         "finetune_mode": OmegaConf.load(CONF / "finetune_mode" / f"{mode}.yaml"),
         "feature_cache_dir": None,
         "calibration": {"n_bins": 10, "temperature_scaling": True},
+        "saliency": {"images_per_kind": 2},
         "classifier": {"class_weighted": True, "warmup_fraction": 0.1,
                        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "weight_decay": 0.01}},
         "monitor": "val/balanced_accuracy",
@@ -257,6 +258,15 @@ def test_run_writes_files_and_metrics_match_sklearn(tmp_path, cache_features):
     assert calibration["temperature"] == pytest.approx(fit_temperature(*probs_and_targets(val_rows)), rel=1e-3)
     assert sum(b["count"] for b in calibration["bins"]) == len(rows)
     assert (out / "reliability.png").stat().st_size > 0
+    # Grad-CAM of the first correct and wrong test images, as predictions.csv has them
+    shown = saved["saliency"]
+    by_path = {r["image_path"]: r for r in rows}
+    correct = [r for r in rows if r["label"] == r["pred"]]
+    wrong = [r for r in rows if r["label"] != r["pred"]]
+    assert [s["image_path"] for s in shown] == [r["image_path"] for r in correct[:2] + wrong[:2]]
+    assert all(s["pred"] == by_path[s["image_path"]]["pred"] and s["correct"] == (s["label"] == s["pred"])
+               for s in shown)
+    assert (out / "saliency.png").stat().st_size > 0
     if cache_features:  # the frozen init's test features, in predictions.csv's order, for the report's maps
         with np.load(out / "test_embeddings.npz") as embeddings:
             assert embeddings["features"].shape == (len(rows), 512)

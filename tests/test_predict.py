@@ -113,6 +113,16 @@ def test_checkpoint_predictor_matches_the_lightning_classifier(run_dir):
     assert meta.classes == list(PLANES) and (meta.image_size, meta.channels) == (32, 3)
 
 
+def test_a_run_dirs_predictor_gives_grad_cam_maps_of_the_asked_class_at_model_input_size(run_dir):
+    predictor = load_predictor(run_dir)
+    frames = np.random.default_rng(0).integers(0, 255, (3, 50, 60), dtype=np.uint8)
+    shown, cams = predictor.saliency(frames, [0, 1, 2])
+    assert shown.shape == cams.shape == (3, 32, 32) and shown.dtype == np.uint8
+    assert cams.min() >= 0 and cams.max() <= 1
+    again = predictor.saliency(frames[:1], [1])[1]
+    assert not np.allclose(again[0], cams[0])  # the map depends on the class asked for
+
+
 def test_folder_run_writes_every_output_and_reports_a_corrupt_file_without_partial_outputs(run_dir, tmp_path):
     videos = tmp_path / "videos"
     truth = write_sweep(videos / "P1" / "scan00.mp4")
@@ -150,6 +160,9 @@ def test_folder_run_writes_every_output_and_reports_a_corrupt_file_without_parti
             assert (folder / b["file"]).is_file() and f"_f{int(b['frame']):05d}_" in b["file"]
         else:
             assert b["file"] == ""
+    # Grad-CAM over each found plane's best frame (a run dir's model has gradients)
+    assert sorted(p.name for p in folder.glob("saliency_*.png")) == sorted(
+        f"saliency_{b['plane']}_f{int(b['frame']):05d}.png" for b in best if b["found"] == "True")
     assert (folder / "timeline.png").stat().st_size > 10_000
     scan = json.loads((folder / "scan.json").read_text())
     on_plane = [i for i, t in enumerate(truth) if t in PLANES]
@@ -195,6 +208,7 @@ def finetune_cfg_64px(root: Path, max_epochs: int):
         "init": init_config("random"),
         "finetune_mode": OmegaConf.load(CONF / "finetune_mode" / "full.yaml"),
         "calibration": {"n_bins": 10, "temperature_scaling": True},
+        "saliency": {"images_per_kind": 2},
         "classifier": {"class_weighted": True, "warmup_fraction": 0.05,
                        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "weight_decay": 0.01}},
         "monitor": "val/balanced_accuracy", "monitor_mode": "max",

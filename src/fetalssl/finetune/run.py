@@ -50,6 +50,7 @@ from fetalssl.finetune.metrics import (
 )
 from fetalssl.finetune.pretrain_sweep import grid_keys as pretraining_grid_keys
 from fetalssl.finetune.pretrain_sweep import pretraining_record
+from fetalssl.finetune.saliency import write_saliency
 from fetalssl.io import atomic_write, save_json
 from fetalssl.models.open_clip_tower import (
     ImageTower,
@@ -201,6 +202,7 @@ def _train_and_evaluate(cfg: DictConfig, output_dir: Path, grid: dict[str, Any])
 
     data: L.LightningDataModule = images
     num_features = backbone.num_features
+    image_backbone = backbone  # what Grad-CAM runs through, also when the training loop sees cached features
     if mode.cache_features:
         if mode.trainable != "none":
             raise ValueError(f"finetune_mode.cache_features needs a frozen backbone, not trainable={mode.trainable}")
@@ -220,6 +222,9 @@ def _train_and_evaluate(cfg: DictConfig, output_dir: Path, grid: dict[str, Any])
     logged_test = trainer.test(model, datamodule=data, ckpt_path=best, verbose=False)[0]
     probs = {split: _predict(trainer, model, data.loader(split), best) for split in PREDICTION_FILES}
     result = _write_outputs(images, probs, output_dir, cfg.calibration)
+    if cfg.saliency.images_per_kind:
+        result["saliency"] = write_saliency(images, image_backbone, model.head, probs["test"],
+                                            cfg.saliency.images_per_kind, output_dir)
     result["logged_test"] = {k: float(v) for k, v in logged_test.items()}
     result["best_checkpoint"] = best
     result["init_weights"] = init_weights

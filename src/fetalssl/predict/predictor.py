@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fetalssl.predict.model import ModelMeta, load_run
+from fetalssl.models.saliency import grad_cam, gradcam_layer
+from fetalssl.predict.model import ModelMeta, ProbabilityModel, load_run
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,12 @@ class Predictor(ABC):
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         return self._forward(np.ascontiguousarray(batch, dtype=np.float32))
 
+    def saliency(self, frames: np.ndarray, classes: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
+        """Grad-CAM of ``classes[i]`` on ``frames[i]`` (uint8 grey, T x H x W): the frames as the model sees them
+        (uint8, model input size) and the maps (in [0, 1]); None where the stored model has no gradients
+        (TorchScript, ONNX)."""
+        return None
+
     def predict_frames(self, frames: np.ndarray, batch_size: int) -> np.ndarray:
         """uint8 grayscale (T, H, W) frames of one input -> (T, n_classes) probabilities: the scan options applied
         to each frame as to the fine-tuning stills, then preprocessed batch by batch."""
@@ -65,6 +72,16 @@ class TorchPredictor(Predictor):
     @torch.inference_mode()
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         return self.module(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
+
+    def saliency(self, frames: np.ndarray, classes: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
+        if not isinstance(self.module, ProbabilityModel):  # TorchScript: no Python modules to hook
+            return None
+        batch = torch.from_numpy(self.meta.preprocess(self.meta.apply_scan(frames))).to(self.device)
+        backbone, head = self.module.backbone, self.module.head
+        layer, to_map = gradcam_layer(backbone)
+        cams = grad_cam(lambda x: head(backbone(x)), layer, to_map, batch, torch.tensor(classes, device=self.device))
+        shown = np.clip(np.rint((batch[:, 0].cpu().numpy() * self.meta.std + self.meta.mean) * 255), 0, 255)
+        return shown.astype(np.uint8), cams.cpu().numpy()
 
 
 class OnnxPredictor(Predictor):

@@ -30,6 +30,7 @@ import numpy as np
 
 from fetalssl.data.video import CONTAINER_EXTENSIONS, DICOM_EXTENSIONS, VideoReadError, is_dicom, read_frames
 from fetalssl.io import save_json
+from fetalssl.models.saliency import overlay
 from fetalssl.predict.predictor import Predictor
 from fetalssl.predict.timeline import OTHER, BestFrame, best_frames, frame_labels, smooth, timeline_figure
 from fetalssl.progress import progress
@@ -173,6 +174,21 @@ def write_scan_outputs(folder: Path, video: Path, frames: np.ndarray, fps: float
     return scan
 
 
+def write_best_frame_saliency(folder: Path, frames: np.ndarray, chosen: list[dict[str, Any]],
+                              predictor: Predictor) -> None:
+    """saliency_<plane>_f<frame>.png: Grad-CAM of each found plane on its best frame, over that frame as the model
+    sees it; only for models loaded from a fine-tune run dir (TorchScript and ONNX carry no gradients)."""
+    found = [b for b in chosen if b["found"]]
+    if not found:
+        return
+    maps = predictor.saliency(frames[[b["frame"] for b in found]], [predictor.classes.index(b["plane"]) for b in found])
+    if maps is None:
+        return
+    for best, image, cam in zip(found, *maps, strict=True):
+        rgb = overlay(image, cam)
+        _write_png(folder / f"saliency_{_safe(best['plane'])}_f{best['frame']:05d}.png", rgb[..., ::-1])  # BGR
+
+
 def read_input(path: Path) -> tuple[np.ndarray, float]:
     """(uint8 grayscale frames (T, H, W), fps): a still image is one frame without a frame rate."""
     if path.suffix.lower() in STILL_EXTENSIONS:
@@ -194,6 +210,7 @@ def process_video(video: Path, folder: Path, predictor: Predictor, settings: Fin
     staging.mkdir()
     try:
         scan = write_scan_outputs(staging, video, frames, fps, raw, predictor.classes, settings)
+        write_best_frame_saliency(staging, frames, scan["best_frames"], predictor)
         _publish(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
