@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
+import matplotlib.image
 import numpy as np
 import pytest
 import yaml
@@ -257,6 +262,11 @@ def test_report_tabulates_test_calibration_error_by_default(sweep: Path, tmp_pat
     expected = np.mean([known_macro_f1("random", FRACTIONS[0], MODES[0], seed) / 10 for seed in SEEDS])
     assert float(results[point]["mean"]) == pytest.approx(expected)
     assert (tmp_path / "r" / "calibration_ece_vs_fraction.png").is_file()
+    # the best calibration is the lowest error: bold goes to the init with the lowest mean ECE in the column
+    table = markdown_rows((tmp_path / "r" / "results.md").read_text(), f"## calibration.ece — finetune_mode={MODES[0]}")
+    column = {label: cells[0] for label, cells in table.items() if label not in ("init", "---")}
+    best = min(column, key=lambda label: float(column[label].strip("*").split()[0].strip("*")))
+    assert column[best].startswith("**") and sum(cell.startswith("**") for cell in column.values()) == 1
 
 
 def test_report_maps_each_frozen_inits_test_features_and_scores_how_they_separate_the_classes(tmp_path: Path):
@@ -283,3 +293,78 @@ def test_report_maps_each_frozen_inits_test_features_and_scores_how_they_separat
     assert float(rows["random"]["knn_accuracy"]) < 0.6 and abs(float(rows["random"]["silhouette"])) < 0.1
     assert (tmp_path / "r" / "embeddings.png").stat().st_size > 0
     assert "| ssl:barlowtwins | 40 | 1.000 |" in (tmp_path / "r" / "results.md").read_text()
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.tables, self.cards, self.strong = [], 0, [], 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs["src"])
+        self.tables += tag == "table"
+        self.strong += tag == "strong"
+        if tag == "details":
+            self.cards.append(attrs.get("class", ""))
+
+
+def _report_html(sweep: Path, tmp_path: Path) -> tuple[Path, _Page]:
+    run = next(p for p in sweep.iterdir() if (p / "metrics.json").is_file() and '"ok"' in (p / "metrics.json").read_text())
+    matplotlib.image.imsave(run / "confusion_matrix.png", np.ones((8, 8, 3)))  # a run image the card links to
+    assert main([str(sweep), "--out", str(tmp_path / "r")]) == 0
+    page = _Page()
+    path = tmp_path / "r" / "report.html"
+    page.feed(path.read_text())
+    return path, page
+
+
+def test_html_report_holds_tables_figures_and_one_card_per_run_with_every_image_resolvable(sweep: Path, tmp_path):
+    path, page = _report_html(sweep, tmp_path)
+    results = collect_sweep(sweep)
+    assert page.tables >= len(MODES) and page.strong > 0  # results tables, best mean per column in bold
+    assert page.cards.count("run ok") == len(results.ok) and page.cards.count("run failed") == len(results.failed)
+    assert "CUDA out of memory" in path.read_text()  # the failed run's card says why
+    embedded = [src for src in page.images if src.startswith("data:image/png;base64,")]
+    assert len(embedded) >= 2  # f1_vs_fraction.png and the confusion grid at least
+    for src in embedded:
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    linked = [src for src in page.images if not src.startswith("data:")]
+    assert len(linked) == 1 and all((path.parent / src).is_file() for src in linked)
+
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+
+
+def find_or_install_chromium() -> str | None:
+    """A headless-capable Chromium: the system's, or Debian's package installed now (root with apt-get only)."""
+    found = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+    if found or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return found
+    try:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], capture_output=True, timeout=900,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    except subprocess.TimeoutExpired:
+        pass  # the binary may be in place before the package triggers finish
+    return next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+
+
+@pytest.mark.slow  # may install Chromium first
+def test_html_report_in_a_headless_browser_loads_every_image(sweep: Path, tmp_path):
+    browser = find_or_install_chromium()
+    if browser is None:
+        pytest.skip("no Chromium: none installed, and it cannot be installed here (needs root and apt-get); the "
+                    "page's images and tables are still checked by parsing")
+    path, _ = _report_html(sweep, tmp_path)
+    script = ("<script>window.onload=()=>{document.title=[...document.images].every(i=>i.complete&&i.naturalWidth>0)"
+              "+':'+document.querySelectorAll('table').length}</script>")
+    path.write_text(path.read_text().replace("</body>", script + "</body>"))
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                          "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    title = dom.split("<title>", 1)[1].split("</title>", 1)[0]
+    loaded, tables = title.split(":")
+    assert loaded == "true" and int(tables) >= len(MODES)
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={tmp_path / 'page.png'}",
+                    "--window-size=1280,2000", path.as_uri()], capture_output=True, timeout=120)
+    assert (tmp_path / "page.png").stat().st_size > 0

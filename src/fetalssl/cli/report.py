@@ -24,6 +24,7 @@ from pathlib import Path
 from fetalssl.report.bootstrap import compare, markdown_comparisons, split_side, write_comparisons_csv
 from fetalssl.report.collect import METRIC_SECTIONS, collect_sweep
 from fetalssl.report.embeddings import KNN_K, collect_embeddings, plot_embeddings, write_embedding_summary
+from fetalssl.report.html import HTML_FILE, write_html_report
 from fetalssl.report.plots import plot_confusion_grid, plot_metric_vs_fraction, sum_confusions
 from fetalssl.report.pretraining import comparison_pairs, plot_metric_vs_pretraining, pretraining_keys
 from fetalssl.report.tables import (
@@ -150,8 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             logging.getLogger(__name__).warning("no readable confusion_matrix.csv, confusion_grid.png not written")
 
+    written.append(out / HTML_FILE)
+    write_html_report(markdown, [p for p in written if p.suffix == ".png"], results, written[-1])
     print(markdown)
     print("Wrote:\n" + "\n".join(f"  {path}" for path in written))
+    print(f"The report in a browser: {written[-1]}")
     if not results.ok:
         print(f"fetalssl-report: error: no successful run under {args.sweep_dir} "
               f"({len(results.failed)} failed, {len(results.malformed)} malformed)", file=sys.stderr)

@@ -144,15 +144,24 @@ def _format_cell(cell: Cell, bold: bool) -> str:
     return f"{f'**{text}**' if bold else text} ({count})"
 
 
+LOWER_IS_BETTER = ("calibration.",)  # metric prefixes whose best mean is the lowest (calibration error)
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.startswith(LOWER_IS_BETTER)
+
+
 def markdown_table(cells: Sequence[Cell]) -> str:
-    """Rows = init label, columns = label fraction; best mean per column in bold (higher is better)."""
+    """Rows = init label, columns = label fraction; best mean per column in bold (the highest, or the lowest for
+    calibration error)."""
     labels = sorted({c.label for c in cells})
     fractions = sorted({c.fraction for c in cells})
     by_position = {(c.label, c.fraction): c for c in cells}
     best = {}
     for fraction in fractions:
         column = [c for c in cells if c.fraction == fraction]
-        best[fraction] = max(c.mean for c in column) if len(column) > 1 else None
+        pick = min if column and lower_is_better(column[0].metric) else max
+        best[fraction] = pick(c.mean for c in column) if len(column) > 1 else None
     lines = ["| init | " + " | ".join(format_fraction(f) for f in fractions) + " |",
              "|---|" + "---:|" * len(fractions)]
     for label in labels:
@@ -174,7 +183,8 @@ def markdown_results(cells: Sequence[Cell], metrics: Sequence[str]) -> str:
             spread = ("over cross-validation folds: mean and sample std of the per-fold seed means (n runs)"
                       if any(c.n_folds > 1 for c in mode_cells) else "over seeds (n seeds)")
             parts.append(f"## {metric} — finetune_mode={mode}\n\n"
-                         f"Percent points, mean ± sample std {spread}; best mean per column in bold.\n\n"
+                         f"Percent points, mean ± sample std {spread}; best mean per column in bold"
+                         f"{' (lowest: an error)' if lower_is_better(metric) else ''}.\n\n"
                          + markdown_table(mode_cells))
     return "\n\n".join(parts)
 
