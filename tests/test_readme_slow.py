@@ -86,7 +86,7 @@ def ok_metrics(sweep: Path) -> list[dict]:
 def test_every_readme_command_is_run_by_a_test():
     tested = {c for name in ("fetalssl-demo-data demo/", "fetalssl-demo-data scans/", "fetalssl-demo-data variance/",
                              "for m in", "fetalssl-finetune -m experiment=published_baselines",
-                             "fetalssl-predict model=outputs", "fetalssl-export")
+                             "fetalssl-predict model=outputs", "fetalssl-export", "fetalssl-demo-data tracked/")
               for c in commands(block_with(name))}
     shown = {c for b in readme_blocks() for c in commands(b)}
     assert shown - tested - set(COVERED_ELSEWHERE) == set()
@@ -110,6 +110,20 @@ def test_readme_quick_start_plane_finder_and_export_blocks_run_as_written(tmp_pa
     summary = json.loads((tmp_path / "planes" / "predict_summary.json").read_text())["results"]
     videos = [p for p in (tmp_path / "demo" / "videos").rglob("*") if p.suffix in (".mp4", ".avi")]
     assert len(summary) == len(videos) and all(r["status"] == "ok" for r in summary)
+
+
+def test_readme_trackers_and_report_block_runs_as_written(tmp_path):
+    result = run_block(block_with("fetalssl-demo-data tracked/"), tmp_path, {
+        "tracked/\n": "tracked/ --patients 3 --frames 30 --size 64 --stills 100 --still-patients 10\n"})
+    outputs = tmp_path / "outputs"
+    run = outputs / "pretrain" / "simclr" / "tracked"
+    assert list((run / "tensorboard").glob("events.out.tfevents.*")) and list(run.glob("wandb/offline-run-*"))
+    assert (outputs / "mlflow.db").is_file()
+    sweep = outputs / "finetune_sweep" / "tracked"
+    assert len(ok_metrics(sweep)) == 4 and len({p.parent for p in sweep.glob("*/tensorboard/events.out.tfevents.*")}) == 4
+    report = sweep / "report"
+    assert {"report.html", "embeddings.png", "embeddings.csv", "comparisons.csv"} <= {p.name for p in report.iterdir()}
+    assert result.stdout.splitlines()[-1].endswith("report.html")  # the console ends with the page to open
 
 
 def test_readme_paper_grid_block_runs_as_written(tmp_path):
