@@ -57,10 +57,14 @@ def memory_batches(cfg, n: int) -> list[dict[str, torch.Tensor]]:
 
 
 def build_method(cfg):
+    """As fetalssl-train builds it (fetalssl.cli.train): channels_last and torch.compile of the backbone."""
     backbone = instantiate(cfg.backbone)
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
-    return instantiate(cfg.method, backbone=backbone)
+    method = instantiate(cfg.method, backbone=backbone)
+    if cfg.compile:
+        method.backbone.compile()
+    return method
 
 
 def run_handwritten(cfg, steps: int) -> list[float]:
@@ -111,6 +115,9 @@ def measure(mode: str, overrides: list[str], steps: int, warmup: int) -> dict:
     with initialize_config_module("fetalssl.conf", version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, "paths.output_dir=/tmp/fetalssl_bench_unused"])
     L.seed_everything(0)
+    cuda = cfg.trainer.accelerator in ("gpu", "cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     if mode == "handwritten":
         ends = run_handwritten(cfg, steps)
     else:
@@ -121,6 +128,8 @@ def measure(mode: str, overrides: list[str], steps: int, warmup: int) -> dict:
     return {"mode": mode, "pairs_per_s": batch / durations.mean(), "images_per_s": 2 * batch / durations.mean(),
             "median_pairs_per_s": batch / float(np.median(durations)),
             "peak_rss_mib": peak_rss_mib(),
+            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+            "compile": bool(cfg.compile), "method": cfg.method._target_, "workers": cfg.data.num_workers,
             "batch_size": cfg.data.batch_size, "image_size": cfg.data.image_size, "backbone": cfg.backbone.name,
             "precision": cfg.trainer.precision, "threads": torch.get_num_threads()}
 
