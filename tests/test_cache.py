@@ -10,7 +10,7 @@ import pytest
 
 from conftest import scan_options
 from fetalssl.data import cache as cache_module
-from fetalssl.data.cache import CacheError, build_cache, load_cache
+from fetalssl.data.cache import CacheError, build_cache, load_cache, load_index
 from fetalssl.data.index import VideoRecord
 from test_video import frame_value, write_video
 
@@ -161,3 +161,23 @@ def test_a_video_shorter_than_its_container_declares_is_named_and_kept_or_skippe
     kept = build_cache(records_for(cut), tmp_path / "cache2", 32, 1, False, min_decoded_fraction=0.3, scan=KEEP)
     [(path, reason)] = kept.truncated
     assert path == cut and kept.videos[0].n_frames < 120 and "truncated" in str(kept)
+
+
+def test_parallel_decoding_gives_the_same_cache_summary_and_order_as_one_process(tmp_path, good_videos):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    records = records_for(good_videos[1], bad, good_videos[0])
+    one = build_cache(records, tmp_path / "one", short_side=32, stride=5, rgb=False, min_decoded_fraction=0.9,
+                      scan=KEEP, workers=1)
+    two = build_cache(records, tmp_path / "two", short_side=32, stride=5, rgb=False, min_decoded_fraction=0.9,
+                      scan=KEEP, workers=2)
+    assert [v.source for v in two.videos] == [v.source for v in one.videos] == [good_videos[1], good_videos[0]]
+    assert [path for path, _ in two.skipped] == [path for path, _ in one.skipped] == [bad]
+    assert (two.built, two.reused) == (one.built, one.reused) == (2, 0)
+    for a, b in zip(one.videos, two.videos, strict=True):
+        assert np.array_equal(a.frames(), b.frames()) and a.moments == b.moments
+    index = {k: {f: v for f, v in e.items() if f != "mtime_ns"} for k, e in load_index(tmp_path / "two").items()}
+    assert index == {k: {f: v for f, v in e.items() if f != "mtime_ns"} for k, e in load_index(tmp_path / "one").items()}
+    again = build_cache(records, tmp_path / "two", short_side=32, stride=5, rgb=False, min_decoded_fraction=0.9,
+                        scan=KEEP, workers=2)
+    assert (again.built, again.reused) == (0, 2)  # the parallel run's cache is reused

@@ -67,6 +67,7 @@ def make_dm(root, tmp_path, pair_sampler=None, views=None, **overrides):
         stride=1,
         min_decoded_fraction=0.9,
         progress_every_seconds=30,
+        prepare_workers=1,
         image_size=16,
         channels=3,
         mean=0.5,

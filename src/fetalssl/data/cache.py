@@ -13,13 +13,17 @@ entry, and a rerun keeps every entry already complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 import numpy as np
@@ -170,9 +174,69 @@ def _remove_orphan_temps(cache_dir: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+@dataclass
+class _Decoded:
+    """What decoding one video gave: its index entry, or why it was skipped; and a truncation note."""
+
+    entry: dict | None = None
+    skipped: str | None = None
+    scan: dict | None = None
+    truncated: str | None = None
+
+
+def _decode(record: VideoRecord, key: str, stat: os.stat_result, cache_dir: Path, short_side: int | None, stride: int,
+            rgb: bool, min_decoded_fraction: float, scan: ScanOptions) -> _Decoded:
+    """Decode one video, find its scan layout, apply the options and write its frames and layout (each file
+    atomically, named by its key, so worker processes never write the same file). The index is the caller's."""
+    try:
+        gray, colour, fps = read_gray_and_colour(record.path, stride=stride, short_side=short_side)
+    except VideoReadError as e:
+        return _Decoded(skipped=str(e).removeprefix(f"{record.path}: "))
+    declared = declared_frame_count(record.path)
+    truncated = None
+    if declared is not None and len(colour) < math.ceil(declared / stride):
+        truncated = f"decoded {len(colour)} of the {math.ceil(declared / stride)} frames its container " \
+                    f"declares ({declared} at stride {stride}): truncated or damaged"
+        if len(colour) < min_decoded_fraction * math.ceil(declared / stride):
+            return _Decoded(skipped=f"{truncated}, below data.min_decoded_fraction={min_decoded_fraction}")
+    layout = analyse_clip(gray, colour, scan.detector)
+    scan_record = {**layout.summary(), "frames_decoded": len(gray)}
+    reason = layout.skip_reason(scan)
+    kept = layout.frames_kept(scan)
+    if reason is None and kept.size == 0:
+        reason = "every frame is colour Doppler (scan.doppler=drop_frames)"
+    source = {"source": str(record.path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if reason is not None:
+        scan_record = {**scan_record, "frames_kept": 0}
+        return _Decoded(entry={**source, "skipped": reason, "scan": scan_record}, skipped=reason, scan=scan_record,
+                        truncated=truncated)
+    frames = apply_to_frames((colour if rgb else gray)[kept], layout, scan)
+    moments = intensity_moments(frames, layout)
+    if scan.crop_to_sector:
+        frames = np.stack([resize_short_side(f, short_side) for f in frames])
+    entry_file, scan_file = f"{FRAMES_DIR}/{key}.npy", f"{SCAN_DIR}/{key}.npz"
+    preview = gray[np.unique(np.linspace(0, len(gray) - 1, PREVIEW_FRAMES).round().astype(int))]
+    atomic_write(cache_dir / scan_file, lambda f: np.savez_compressed(
+        f, sector=layout.sector, overlay=layout.overlay, doppler_frames=layout.doppler_frames,
+        split_screen=layout.split_screen, from_still=layout.from_still, preview=preview))
+    atomic_write(cache_dir / entry_file, lambda f: np.save(f, frames))
+    entry = {**source, "short_side": short_side, "stride": stride, "rgb": rgb, "fps": fps,
+             "shape": list(frames.shape), "file": entry_file, "scan_file": scan_file,
+             "scan": {**scan_record, "frames_kept": int(kept.size)}, "moments": list(moments)}
+    return _Decoded(entry=entry, truncated=truncated)
+
+
+START_METHOD = "fork" if "fork" in get_all_start_methods() else "spawn"  # spawn re-imports torch per worker
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (its affinity, e.g. a Slurm allocation), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def build_cache(
     records: Sequence[VideoRecord], cache_dir: str | Path, short_side: int | None, stride: int, rgb: bool,
-    min_decoded_fraction: float, scan: ScanOptions, progress_every_seconds: float | None = None,
+    min_decoded_fraction: float, scan: ScanOptions, progress_every_seconds: float | None = None, workers: int = 1,
 ) -> CacheSummary:
     """Decode every record not already fresh in the cache; skip unreadable videos with one warning each.
 
@@ -183,7 +247,10 @@ def build_cache(
     A video that decodes to fewer frames than its container declares (truncated, damaged) is named in the
     summary with both counts; it is kept if at least ``min_decoded_fraction`` of the declared frames decoded,
     and skipped otherwise. Raises CacheError when no video at all could be cached. ``progress_every_seconds``:
-    show progress (fetalssl.progress.progress); None: silent.
+    show progress (fetalssl.progress.progress); None: silent. ``workers`` > 1 decodes in that many processes
+    (forked where the platform can: this process opens no video reader before, so none crosses the fork; the
+    DataLoader workers are forked the same way); the index is written by this process alone, after each
+    video's files, and the summary keeps the order of ``records`` whatever the order of finishing.
     """
     cache_dir = Path(cache_dir)
     (cache_dir / FRAMES_DIR).mkdir(parents=True, exist_ok=True)
@@ -191,77 +258,60 @@ def build_cache(
     _remove_orphan_temps(cache_dir)
     entries = load_index(cache_dir)
     summary = CacheSummary(videos=[], built=0, reused=0)
-    if progress_every_seconds is not None:
-        records = progress(records, len(records), "frame cache", progress_every_seconds)
-    for record in records:
+    stale: dict[int, tuple[str, os.stat_result]] = {}
+    statted: dict[int, str | tuple[str, os.stat_result]] = {}
+    for i, record in enumerate(records):
         key = entry_key(record.path, short_side, stride, rgb, scan)
         try:
             stat = record.path.stat()
         except OSError as e:
-            _skip(summary, record.path, f"cannot stat ({e.strerror})")
+            statted[i] = f"cannot stat ({e.strerror})"
             continue
-        if _is_fresh(entries.get(key), stat, cache_dir):
-            if "skipped" in entries[key]:  # skipped by the scan options before: not decoded again
+        statted[i] = (key, stat)
+        if not _is_fresh(entries.get(key), stat, cache_dir):
+            stale[i] = (key, stat)
+    decode = partial(_decode, cache_dir=cache_dir, short_side=short_side, stride=stride, rgb=rgb,
+                     min_decoded_fraction=min_decoded_fraction, scan=scan)
+    jobs = [(records[i], key, stat) for i, (key, stat) in stale.items()]
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and len(jobs) > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context(START_METHOD)))
+            decoded_in_order = pool.map(decode, *zip(*jobs, strict=True))
+        else:
+            decoded_in_order = (decode(*job) for job in jobs)
+        decoded = iter(decoded_in_order)
+        shown = range(len(records))
+        if progress_every_seconds is not None:
+            shown = progress(shown, len(records), "frame cache", progress_every_seconds)
+        for i in shown:
+            record = records[i]
+            if isinstance(statted[i], str):
+                _skip(summary, record.path, statted[i])
+                continue
+            key, _stat = statted[i]
+            if i in stale:
+                result = next(decoded)
+                if result.truncated is not None and (result.skipped is None or result.entry is not None):
+                    log.warning("%s: %s; kept (data.min_decoded_fraction=%s)", record.path, result.truncated,
+                                min_decoded_fraction)
+                    summary.truncated.append((record.path, result.truncated))
+                if result.entry is not None:
+                    entries[key] = result.entry
+                    _write_index(cache_dir, entries)  # after the video's files: a crash never indexes half an entry
+                if result.skipped is not None:
+                    if result.scan is not None:
+                        summary.scans[record.path] = result.scan
+                    _skip(summary, record.path, result.skipped)
+                    continue
+                summary.built += 1
+            elif "skipped" in entries[key]:  # skipped by the scan options before: not decoded again
                 summary.scans[record.path] = entries[key]["scan"]
                 _skip(summary, record.path, entries[key]["skipped"])
                 continue
-            summary.reused += 1
-        else:
-            try:
-                gray, colour, fps = read_gray_and_colour(record.path, stride=stride, short_side=short_side)
-            except VideoReadError as e:
-                _skip(summary, record.path, str(e).removeprefix(f"{record.path}: "))
-                continue
-            declared = declared_frame_count(record.path)
-            if declared is not None and len(colour) < math.ceil(declared / stride):
-                decoded = f"decoded {len(colour)} of the {math.ceil(declared / stride)} frames its container " \
-                          f"declares ({declared} at stride {stride}): truncated or damaged"
-                if len(colour) < min_decoded_fraction * math.ceil(declared / stride):
-                    _skip(summary, record.path, f"{decoded}, below data.min_decoded_fraction={min_decoded_fraction}")
-                    continue
-                log.warning("%s: %s; kept (data.min_decoded_fraction=%s)", record.path, decoded, min_decoded_fraction)
-                summary.truncated.append((record.path, decoded))
-            layout = analyse_clip(gray, colour, scan.detector)
-            scan_record = {**layout.summary(), "frames_decoded": len(gray)}
-            reason = layout.skip_reason(scan)
-            kept = layout.frames_kept(scan)
-            if reason is None and kept.size == 0:
-                reason = "every frame is colour Doppler (scan.doppler=drop_frames)"
-            if reason is not None:
-                summary.scans[record.path] = {**scan_record, "frames_kept": 0}
-                entries[key] = {"source": str(record.path.resolve()), "size": stat.st_size,
-                                "mtime_ns": stat.st_mtime_ns, "skipped": reason, "scan": summary.scans[record.path]}
-                _write_index(cache_dir, entries)
-                _skip(summary, record.path, reason)
-                continue
-            frames = apply_to_frames((colour if rgb else gray)[kept], layout, scan)
-            moments = intensity_moments(frames, layout)
-            if scan.crop_to_sector:
-                frames = np.stack([resize_short_side(f, short_side) for f in frames])
-            entry_file, scan_file = f"{FRAMES_DIR}/{key}.npy", f"{SCAN_DIR}/{key}.npz"
-            preview = gray[np.unique(np.linspace(0, len(gray) - 1, PREVIEW_FRAMES).round().astype(int))]
-            atomic_write(cache_dir / scan_file, lambda f, lay=layout, p=preview: np.savez_compressed(
-                f, sector=lay.sector, overlay=lay.overlay, doppler_frames=lay.doppler_frames,
-                split_screen=lay.split_screen, from_still=lay.from_still, preview=p))
-            atomic_write(cache_dir / entry_file, lambda f, a=frames: np.save(f, a))
-            entries[key] = {
-                "source": str(record.path.resolve()),
-                "size": stat.st_size,
-                "mtime_ns": stat.st_mtime_ns,
-                "short_side": short_side,
-                "stride": stride,
-                "rgb": rgb,
-                "fps": fps,
-                "shape": list(frames.shape),
-                "file": entry_file,
-                "scan_file": scan_file,
-                "scan": {**scan_record, "frames_kept": int(kept.size)},
-                "moments": list(moments),
-            }
-            _write_index(cache_dir, entries)  # after its .npy, so a crash never indexes a half entry
-            summary.built += 1
-        summary.scans[record.path] = entries[key]["scan"]
-        summary.videos.append(_cached_video(record, entries[key], cache_dir))
+            else:
+                summary.reused += 1
+            summary.scans[record.path] = entries[key]["scan"]
+            summary.videos.append(_cached_video(record, entries[key], cache_dir))
     if not summary.videos:
         raise CacheError(
             f"none of the {len(records)} videos could be read into {cache_dir}: "

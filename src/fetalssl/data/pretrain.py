@@ -25,7 +25,14 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
-from fetalssl.data.cache import CachedVideo, CacheSummary, build_cache, intensity_stats, load_cache
+from fetalssl.data.cache import (
+    CachedVideo,
+    CacheSummary,
+    available_cores,
+    build_cache,
+    intensity_stats,
+    load_cache,
+)
 from fetalssl.data.index import VideoRecord, index_videos
 from fetalssl.data.pairs import PairSpec, compose_view
 from fetalssl.data.scan import ScanOptions
@@ -44,7 +51,8 @@ def prepare(cfg_data: Mapping[str, Any]) -> CacheSummary:
     records = index_videos(cfg_data["root"], cfg_data["manifest"], cfg_data["patient_pattern"])
     return build_cache(records, cfg_data["cache_dir"], short_side=cfg_data["short_side"], stride=cfg_data["stride"],
                        rgb=CACHE_RGB, min_decoded_fraction=cfg_data["min_decoded_fraction"],
-                       scan=instantiate(cfg_data["scan"]), progress_every_seconds=cfg_data["progress_every_seconds"])
+                       scan=instantiate(cfg_data["scan"]), progress_every_seconds=cfg_data["progress_every_seconds"],
+                       workers=cfg_data["prepare_workers"] or available_cores())
 
 
 def patient_subset(videos: Sequence[CachedVideo], fraction: float, seed: int) -> list[CachedVideo]:
@@ -314,6 +322,7 @@ class VideoFramePairDataModule(L.LightningDataModule):
         stride: int,
         min_decoded_fraction: float,
         progress_every_seconds: float,
+        prepare_workers: int | None,
         image_size: int,
         channels: int,
         mean: float | None,
@@ -347,6 +356,7 @@ class VideoFramePairDataModule(L.LightningDataModule):
         self.stride = stride
         self.min_decoded_fraction = min_decoded_fraction
         self.progress_every_seconds = progress_every_seconds
+        self.prepare_workers = prepare_workers or available_cores()
         self.image_size = image_size
         self.channels = channels
         if (mean is None) != (std is None):
@@ -391,7 +401,7 @@ class VideoFramePairDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         build_cache(self._records(), self.cache_dir, self.short_side, self.stride, CACHE_RGB,
                     min_decoded_fraction=self.min_decoded_fraction, scan=self.scan,
-                    progress_every_seconds=self.progress_every_seconds)
+                    progress_every_seconds=self.progress_every_seconds, workers=self.prepare_workers)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
