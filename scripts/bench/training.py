@@ -4,7 +4,7 @@ pre-made in-memory batches. Each mode runs in its own subprocess so its peak RSS
 
     .venv/bin/python scripts/bench/training.py experiment=pocus paths.output_root=/tmp/bench \\
         'method.projector.hidden_dims=[1024,1024]' method.projector.out_dim=1024 --steps 12 --warmup 3
-    # GPU (see gpu_barlowtwins.py): trainer=gpu backbone=resnet50 data.image_size=224 channels_last=true
+    # GPU (see gpu.py): trainer=gpu backbone=resnet50 data.image_size=224 channels_last=true
 
 Modes: handwritten (plain loop on in-memory batches), lightning_memory (Trainer.fit of the method on the same
 in-memory batches), lightning_loader (Trainer.fit with the configured VideoFramePairDataModule). Printed:
