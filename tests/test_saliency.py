@@ -67,3 +67,15 @@ def test_overlay_keeps_the_image_size_and_shows_the_map():
     shown = overlay(image, cam)
     assert shown.shape == (6, 6, 3) and shown.dtype == np.uint8
     assert not np.array_equal(shown[0, 0], shown[5, 5])  # hot and cold parts differ
+
+
+def test_a_backbone_without_a_known_layer_gets_no_saliency_and_a_warning_not_a_failed_run(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from fetalssl.finetune.saliency import write_saliency
+
+    dataset = SimpleNamespace(labels=np.array([0, 1]), rows=[], __getitem__=None)
+    images = SimpleNamespace(dataset=lambda split: dataset, classes=["a", "b"], mean=0.5, std=0.25)
+    tower = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))  # like an OpenCLIP tower: no timm feature_info
+    shown = write_saliency(images, tower, nn.Identity(), torch.tensor([[0.9, 0.1], [0.9, 0.1]]), 2, tmp_path)
+    assert shown == [] and "no saliency.png" in caplog.text and not (tmp_path / "saliency.png").exists()

@@ -23,6 +23,8 @@ HARMLESS_WARNINGS = (
     r"The number of training batches \(\d+\) is smaller than the logging interval.*",  # small fractions
     r".*does not have many workers which may be a bottleneck.*",  # the worker count is a config choice
     r".*Checkpoint directory .* exists and is not empty.*",  # a resumed run's own checkpoints
+    r"This DataLoader will create \d+ worker processes in total.*",  # data.num_workers is the user's choice
+    r"Found \d+ module\(s\) in eval mode at the start of training.*",  # a frozen backbone stays in eval mode
 )
 # Lightning's per-run chatter (devices found, seed set, checkpoint restored, the LitLogger tip, the stop reason).
 CHATTY_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
@@ -86,12 +88,12 @@ class ConsoleProgress(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if not self.bars and time.monotonic() - self._last >= self.log_every_seconds:
+        if not self.bars and trainer.is_global_zero and time.monotonic() - self._last >= self.log_every_seconds:
             self._log_line(trainer, "training")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if not self.bars:
+        if not self.bars and trainer.is_global_zero:
             self._log_line(trainer, "epoch done")
 
 

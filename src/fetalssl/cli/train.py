@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import hydra
@@ -45,9 +46,11 @@ def train(cfg: DictConfig) -> Path:
 
 
 def sweep_point() -> dict[str, str]:
-    """The command line's overrides (key -> value) of this run: what tells it apart from the other runs of a sweep."""
+    """The command line's overrides (key -> value) of this run: what tells it apart from the other runs of a sweep.
+    Keys lose Hydra's +/~/++ prefixes (trackers such as MLflow accept only letters, digits and ._-/ in names)."""
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-    return dict(o.split("=", 1) for o in overrides if "=" in o)
+    return {re.sub(r"[^\w./-]", "_", key.lstrip("+~")): value
+            for key, value in (o.split("=", 1) for o in overrides if "=" in o)}
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")

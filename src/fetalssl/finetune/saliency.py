@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from torch import nn
 
 from fetalssl.data.downstream import DownstreamDataModule
 from fetalssl.models.saliency import grad_cam, gradcam_layer, overlay
+
+log = logging.getLogger(__name__)
 
 SALIENCY_FILE = "saliency.png"
 
@@ -35,8 +38,12 @@ def write_saliency(images: DownstreamDataModule, backbone: nn.Module, head: nn.M
     shown = [(kind, i) for kind in ("correct", "wrong") for i in chosen[kind]]
     if not shown:
         return []
-    backbone, head = backbone.eval(), head.eval()
-    layer, to_map = gradcam_layer(backbone)
+    try:
+        layer, to_map = gradcam_layer(backbone)
+    except ValueError as err:  # e.g. an OpenCLIP tower: no Grad-CAM layer known, the run itself is fine
+        log.warning("no saliency.png: %s", err)
+        return []
+    backbone, head = backbone.cpu().eval(), head.cpu().eval()  # with the test images, wherever training ran
     batch = torch.stack([dataset[i][0] for _, i in shown])
     cams = grad_cam(lambda x: head(backbone(x)), layer, to_map, batch, predicted[[i for _, i in shown]])
     fig = Figure(figsize=(2.2 * max(per_kind, 1), 4.8), layout="constrained")

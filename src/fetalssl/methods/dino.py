@@ -72,8 +72,8 @@ class DINO(SSLMethod):
         teacher = self.teacher(torch.cat(globals_)).chunk(2)
         student = self.student(globals_ + list(batch.get("locals", [])))
         if self.training:
-            self._teacher_sums.append(torch.stack([torch.cat(teacher).sum(dim=0),
-                                                   torch.full_like(teacher[0][0], 2 * len(teacher[0]))]))
+            outputs = torch.cat(teacher).float()  # summed in float32, also under bf16 autocast
+            self._teacher_sums.append(torch.stack([outputs.sum(dim=0), torch.full_like(outputs[0], len(outputs))]))
         return dino_loss(student, teacher, self.center, self.student_temp,
                          self.teacher_temperature(self.global_step))
 

@@ -41,7 +41,8 @@ class InitEmbedding:
         np.fill_diagonal(similarity, -np.inf)
         neighbours = np.argsort(-similarity, axis=1)[:, :KNN_K]
         votes = self.classes[neighbours]
-        predicted = np.array([max(set(row), key=list(row).count) for row in votes])
+        # the most frequent class; a tie goes to the class of the nearest neighbour among the tied ones
+        predicted = np.array([max(row, key=lambda c, r=list(row): (r.count(c), -r.index(c))) for row in votes])
         return float(np.mean(predicted == self.classes))
 
     def silhouette(self) -> float:

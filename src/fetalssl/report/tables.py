@@ -144,7 +144,7 @@ def _format_cell(cell: Cell, bold: bool) -> str:
     return f"{f'**{text}**' if bold else text} ({count})"
 
 
-LOWER_IS_BETTER = ("calibration.",)  # metric prefixes whose best mean is the lowest (calibration error)
+LOWER_IS_BETTER = ("calibration.ece",)  # metric prefixes whose best mean is the lowest (calibration error)
 
 
 def lower_is_better(metric: str) -> bool:
