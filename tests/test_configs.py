@@ -86,7 +86,7 @@ def test_all_methods_grids_are_the_paper_grid_over_every_ssl_method_on_its_backb
 
 
 def run_with_stub_console_scripts(script: str, names: tuple[str, ...], tmp_path: Path) -> Path:
-    """Run scripts/pocus/<script> with stub console scripts that only append their arguments (\\x1f-separated,
+    """Run scripts/pocus/<script> (or scripts/<script> when it names a sub-folder) with stub console scripts that only append their arguments (\\x1f-separated,
     a line per call) to the returned log file."""
     import subprocess
 
@@ -96,7 +96,8 @@ def run_with_stub_console_scripts(script: str, names: tuple[str, ...], tmp_path:
         stub.parent.mkdir(exist_ok=True)
         stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\x1f" {name} "$@" >> {log}\necho >> {log}\n')
         stub.chmod(0o755)
-    subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / "scripts" / "pocus" / script),
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    subprocess.run(["bash", str(scripts / script if "/" in script else scripts / "pocus" / script),
                     str(tmp_path / "out")], check=True, env={"BIN": str(tmp_path / "bin"), "PATH": "/usr/bin:/bin"})
     return log
 
@@ -182,6 +183,31 @@ def test_pocus_data_variance_script_pretrains_three_budgets_and_fine_tunes_over_
     finetune = composed("finetune", [a.split(",")[0] for a in calls["fetalssl-finetune"][1:]])
     assert finetune.init.pretrain_sweep == f"{tmp_path / 'out'}/pretrain_sweep/variance"
     assert finetune.finetune_mode.cache_features and "seed=0,1,2" in calls["fetalssl-finetune"]
+
+
+def test_new_methods_demo_script_pretrains_each_new_method_and_probes_it_against_random_init(tmp_path):
+    """scripts/bench/new_methods_demo.sh with stub console scripts: every pretraining composes, DINO gets its
+    multi-crop views despite experiment=demo, MAE its ViT, and the probes compare each with random init."""
+    import fetalssl.runtime  # noqa: F401  (the resolvers the console scripts register)
+
+    names = ("fetalssl-demo-data", "fetalssl-train", "fetalssl-finetune", "fetalssl-report")
+    log = run_with_stub_console_scripts("bench/new_methods_demo.sh", names, tmp_path)
+    calls = [line.rstrip("\x1f").split("\x1f") for line in log.read_text().splitlines() if line]
+    trained = {}
+    for call in (c for c in calls if c[0] == "fetalssl-train"):
+        cfg = composed("train", call[1:])
+        trained[cfg.method._target_.rsplit(".", 1)[-1] + ":" + next(a for a in call if a.startswith("method="))] = cfg
+    methods = {key.split(":method=")[1]: cfg for key, cfg in trained.items()}
+    assert sorted(methods) == ["dino", "mae", "mocov3", "nnclr", "simsiam"]
+    assert methods["dino"].augment._target_.endswith("multi_crop") and methods["mae"].backbone.name.startswith("vit")
+    assert {cfg.trainer.max_epochs for cfg in methods.values()} == {8}  # experiment=demo for every one
+    sweeps = [c for c in calls if c[0] == "fetalssl-finetune"]
+    inits = [next(a for a in c if a.startswith("init=")).removeprefix("init=").split(",") for c in sweeps]
+    assert inits == [["random", "ssl_simsiam", "ssl_nnclr", "ssl_mocov3", "ssl_dino"], ["random", "ssl_mae"]]
+    for sweep in sweeps:
+        cfg = composed("finetune", [a.split(",")[0] for a in sweep[1:] if a != "-m"])
+        assert cfg.finetune_mode.cache_features and cfg.data.fraction == 0.1
+    assert "backbone=vit_small" in sweeps[1]
 
 
 PRETRAINING_PRESETS = [p for p in choices("experiment") if "package _global_" in (CONF / "experiment" / f"{p}.yaml").read_text()

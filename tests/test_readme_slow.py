@@ -36,6 +36,8 @@ COVERED_ELSEWHERE = {
     "bash scripts/pocus/reproduce.sh outputs/pocus": "tests/test_configs.py::test_pocus_reproduction_script_commands_compose",
     "bash scripts/pocus/cross_validate.sh outputs/pocus_cv":
         "tests/test_configs.py::test_pocus_cross_validation_script_composes_one_pretraining_per_fold_and_scan",
+    "bash scripts/bench/new_methods_demo.sh outputs/new_methods":
+        "tests/test_configs.py::test_new_methods_demo_script_pretrains_each_new_method_and_probes_it_against_random_init",
     "bash scripts/pocus/data_variance.sh outputs/pocus_variance":
         "tests/test_configs.py::test_pocus_data_variance_script_pretrains_three_budgets_and_fine_tunes_over_that_sweep",
 }
