@@ -57,8 +57,8 @@ def eta(elapsed: float, done: int, total: int) -> str:
 
 
 class ConsoleProgress(TQDMProgressBar):
-    """Lightning's tqdm bar in a terminal; elsewhere a log line at most every ``log_every_seconds`` (and at the end
-    of each epoch): epoch, optimiser step of the run's total, loss, elapsed time and ETA."""
+    """Lightning's tqdm bar in a terminal; elsewhere a log line at most every ``log_every_seconds`` and one when
+    training ends: epoch, optimiser step of the run's total, loss, elapsed time and ETA."""
 
     def __init__(self, log_every_seconds: float):
         super().__init__()
@@ -86,15 +86,23 @@ class ConsoleProgress(TQDMProgressBar):
                  total_text, loss_text, format_duration(now - self._start),
                  eta(now - self._start, done, remaining) if remaining else "?")
 
+    def _due(self, trainer: L.Trainer) -> bool:
+        return not self.bars and trainer.is_global_zero and time.monotonic() - self._last >= self.log_every_seconds
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if not self.bars and trainer.is_global_zero and time.monotonic() - self._last >= self.log_every_seconds:
+        if self._due(trainer):
             self._log_line(trainer, "training")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if not self.bars and trainer.is_global_zero:
+        if self._due(trainer):  # short epochs (a cached-feature probe) would otherwise print one line each
             self._log_line(trainer, "epoch done")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if not self.bars and trainer.is_global_zero:
+            self._log_line(trainer, "training done")
 
 
 def progress(items: Iterable[T], total: int, what: str, log_every_seconds: float) -> Iterator[T]:
