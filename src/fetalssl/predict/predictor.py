@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fetalssl.finetune.saliency import display_image
 from fetalssl.models.saliency import grad_cam, gradcam_layer
 from fetalssl.predict.model import ModelMeta, ProbabilityModel, load_run
 
@@ -80,8 +81,8 @@ class TorchPredictor(Predictor):
         backbone, head = self.module.backbone, self.module.head
         layer, to_map = gradcam_layer(backbone)
         cams = grad_cam(lambda x: head(backbone(x)), layer, to_map, batch, torch.tensor(classes, device=self.device))
-        shown = np.clip(np.rint((batch[:, 0].cpu().numpy() * self.meta.std + self.meta.mean) * 255), 0, 255)
-        return shown.astype(np.uint8), cams.cpu().numpy()
+        shown = np.stack([display_image(image.cpu(), self.meta.mean, self.meta.std) for image in batch])
+        return shown, cams.cpu().numpy()
 
 
 class OnnxPredictor(Predictor):
