@@ -295,6 +295,24 @@ def test_report_maps_each_frozen_inits_test_features_and_scores_how_they_separat
     assert "| ssl:barlowtwins | 40 | 1.000 |" in (tmp_path / "r" / "results.md").read_text()
 
 
+
+def test_report_scores_a_tiny_test_set_of_one_image_per_plane_without_failing(tmp_path: Path):
+    # the demo-sized sweep: one test image per class, where the silhouette is undefined and k-NN has 4 neighbours
+    root = tmp_path / "sweep"
+    features = np.eye(len(CLASSES))
+    features[1] = features[0]  # class 1's nearest neighbour is class 0's image: a wrong vote
+    grid = {"init": "random", "method": None, "fraction": 0.1, "finetune_mode": "linear_cached", "seed": 0,
+            "backbone": "resnet18"}
+    write_run(root / "0", {"status": "ok", "grid": grid, "test": {"macro_f1": 0.5}}, ["init=random"])
+    np.savez(root / "0" / "test_embeddings.npz", features=features, labels=np.array(CLASSES),
+             patients=np.array([f"p{i}" for i in range(len(CLASSES))]))
+    assert main([str(root), "--out", str(tmp_path / "r")]) == 0
+    with open(tmp_path / "r" / "embeddings.csv", newline="") as fh:
+        (row,) = csv.DictReader(fh)
+    assert float(row["knn_accuracy"]) == 0.0  # every leave-one-out vote is a tie of distinct classes: all wrong
+    assert np.isnan(float(row["silhouette"]))
+    assert f"| random | {len(CLASSES)} | 0.000 | n/a |" in (tmp_path / "r" / "results.md").read_text()
+
 class _Page(HTMLParser):
     def __init__(self):
         super().__init__()

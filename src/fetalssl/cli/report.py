@@ -71,7 +71,8 @@ def plot_filename(metric: str) -> str:
 def markdown_embeddings(rows: Sequence[dict]) -> str:
     lines = ["## Frozen features of the test images (embeddings.png)", "",
              f"| init | images | {KNN_K}-NN accuracy (leave-one-out) | silhouette (cosine) |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['init']} | {r['images']} | {r['knn_accuracy']:.3f} | {r['silhouette']:.3f} |" for r in rows]
+    lines += [f"| {r['init']} | {r['images']} | {r['knn_accuracy']:.3f} | {r['silhouette']:.3f} |".replace("nan", "n/a")
+              for r in rows]
     return "\n".join(lines)
 
 

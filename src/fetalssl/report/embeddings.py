@@ -35,18 +35,24 @@ class InitEmbedding:
         return self.features / np.maximum(np.linalg.norm(self.features, axis=1, keepdims=True), 1e-12)
 
     def knn_accuracy(self) -> float:
-        """Leave-one-out majority vote of the k most cosine-similar other test images."""
+        """Leave-one-out majority vote of the k most cosine-similar other test images (k shrinks to the number of
+        other images on a tiny test set; NaN with a single image)."""
+        if len(self.classes) < 2:
+            return float("nan")
         z = self.normalised
         similarity = z @ z.T
         np.fill_diagonal(similarity, -np.inf)
-        neighbours = np.argsort(-similarity, axis=1)[:, :KNN_K]
+        neighbours = np.argsort(-similarity, axis=1)[:, :min(KNN_K, len(z) - 1)]
         votes = self.classes[neighbours]
         # the most frequent class; a tie goes to the class of the nearest neighbour among the tied ones
         predicted = np.array([max(row, key=lambda c, r=list(row): (r.count(c), -r.index(c))) for row in votes])
         return float(np.mean(predicted == self.classes))
 
     def silhouette(self) -> float:
-        """Mean silhouette of the classes under cosine distance: 1 separated, 0 overlapping, < 0 mixed."""
+        """Mean silhouette of the classes under cosine distance: 1 separated, 0 overlapping, < 0 mixed. NaN where it is
+        undefined: fewer than 2 classes, or a class per image (e.g. a tiny test set of one image per plane)."""
+        if not 2 <= len(set(self.classes)) < len(self.classes):
+            return float("nan")
         return float(silhouette_score(self.normalised, self.classes, metric="cosine"))
 
 
