@@ -94,7 +94,8 @@ def test_two_level_sweep_fine_tunes_every_pretraining_run_and_reports_by_setting
 
     report = tmp_path / "finetune_sweep" / "variance" / "report"
     printed = run_cli("fetalssl-report", tmp_path / "finetune_sweep" / "variance").stdout
-    rows = [line for line in printed.splitlines() if line.startswith("| ssl:barlowtwins")]
+    macro_f1 = printed.split("## test.macro_f1", 1)[1].split("\n## ", 1)[0]  # the first table (then ECE, ...)
+    rows = [line for line in macro_f1.splitlines() if line.startswith("| ssl:barlowtwins")]
     assert len(rows) == 2 and any("pretrain.patient_fraction=0.5" in r for r in rows)
     assert any("pretrain.patient_fraction=1.0" in r for r in rows)
     with (report / "comparisons.csv").open() as f:
