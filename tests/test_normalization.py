@@ -30,7 +30,9 @@ def test_pretraining_measures_the_training_videos_only_and_records_it(video_root
     assert dm.mean == pytest.approx(pixels.mean(), abs=0.02) and dm.std == pytest.approx(pixels.std(), abs=0.02)
     everything = intensity_stats([*train, *dm.val_set.videos])
     assert everything != pytest.approx((dm.mean, dm.std), abs=1e-4)  # the val patients would change it
-    assert (dm.train_set.mean, dm.train_set.std) == (dm.mean, dm.std)  # the views are normalised with them
+    shipped = torch.full((1, 1, 2, 2), 128, dtype=torch.uint8)  # the views are normalised with them (on the device)
+    expected = torch.full((1, dm.channels, 2, 2), (128 / 255 - dm.mean) / dm.std)
+    torch.testing.assert_close(dm.on_after_batch_transfer({"view1": shipped}, 0)["view1"], expected)
     record = json.loads((tmp_path / "run" / TRAINING_DATA_FILE).read_text())
     assert record["normalization"]["mean"] == dm.mean and "training videos" in record["normalization"]["source"]
 

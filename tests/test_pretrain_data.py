@@ -75,6 +75,7 @@ def make_dm(root, tmp_path, pair_sampler=None, views=None, **overrides):
         scan=scan_options("keep"),
         batch_size=4,
         num_workers=0,
+        prefetch_factor=2,
         samples_per_video=6,
         max_open_memmaps=2,  # fewer than the videos: the LRU closes and reopens them
         patient_fraction=1.0,
@@ -139,13 +140,17 @@ def test_split_is_grouped_by_patient(video_root, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:The image is already gray")  # ToGray on 1 channel is a no-op
 @pytest.mark.parametrize("channels", [1, 3])
-def test_batches_are_normalised_view_dicts(video_root, tmp_path, channels):
+def test_batches_leave_the_loader_as_gray_uint8_and_reach_the_model_normalised(video_root, tmp_path, channels):
     dm = make_dm(video_root, tmp_path, views=preset("barlowtwins"), channels=channels)
-    batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"view1", "view2"}
-    for view in batch.values():
+    shipped = next(iter(dm.train_dataloader()))
+    assert set(shipped) == {"view1", "view2"}
+    assert all(v.shape == (4, 1, 16, 16) and v.dtype == torch.uint8 for v in shipped.values())  # gray cache
+    batch = dm.on_after_batch_transfer(shipped, 0)  # what Lightning calls once the batch is on the device
+    for name, view in batch.items():
         assert view.shape == (4, channels, 16, 16) and view.dtype == torch.float32
         assert view.min() >= -2.0 and view.max() <= 2.0  # (x - 0.5) / 0.25 on [0, 1]
+        for c in range(channels):
+            torch.testing.assert_close(view[:, c], (shipped[name][:, 0] / 255 - 0.5) / 0.25)
     assert not torch.equal(batch["view1"], batch["view2"])
     assert len(dm.train_dataloader()) == len(dm.train_set) // 4  # drop_last
 
@@ -164,7 +169,7 @@ def test_same_frame_views_identical_temporal_within_gap(video_root, tmp_path):
             :, 0
         ]
         frames = [
-            int(((resized - (sample[v][0] * 0.25 + 0.5) * 255) ** 2).mean(dim=(1, 2)).argmin())
+            int(((resized - sample[v][0].float()) ** 2).mean(dim=(1, 2)).argmin())
             for v in ("view1", "view2")
         ]
         gaps.append(abs(frames[0] - frames[1]))
@@ -173,8 +178,9 @@ def test_same_frame_views_identical_temporal_within_gap(video_root, tmp_path):
 
 def test_workers_give_identical_samples_and_epochs_differ(video_root, tmp_path):
     loader0 = make_dm(video_root, tmp_path, views=preset("simclr"), num_workers=0).train_dataloader()
-    dm2 = make_dm(video_root, tmp_path, views=preset("simclr"), num_workers=2)
+    dm2 = make_dm(video_root, tmp_path, views=preset("simclr"), num_workers=2, prefetch_factor=3)
     loader2 = dm2.train_dataloader()
+    assert loader2.persistent_workers and loader2.prefetch_factor == 3  # workers outlive the epoch: keys carry it
     epoch0 = batches(loader0)
     for a, b in zip(epoch0, batches(loader2), strict=True):
         torch.testing.assert_close(a, b)
@@ -200,8 +206,9 @@ def test_epoch_reaches_dataset_through_the_ddp_shard_on_any_lightning(video_root
         shard = dm.train_dataloader().sampler
         assert isinstance(shard, DistributedSampler)  # so Lightning never wraps it again
         shard.set_epoch(5)
-        assert dm.train_set.epoch == 5 and shard.epoch == 5
-        shards.append(list(shard))
+        keys = list(shard)
+        assert shard.epoch == 5 and {epoch for epoch, _ in keys} == {5}  # the keys carry the epoch to the workers
+        shards.append([index for _, index in keys])
     assert not set(shards[0]) & set(shards[1]) and len(shards[0]) + len(shards[1]) == len(dm.train_set) // 2 * 2
     # epoch 5's order, interleaved: rank r holds positions r, r + 2, ...
     order = np.random.default_rng([dm.seed, 5]).permutation(len(dm.train_set)).tolist()
@@ -235,7 +242,7 @@ def test_config_instantiates_and_bad_videos_are_skipped(video_root, tmp_path, ca
     assert dm.seed == 3 and dm.channels == 3
     dm.prepare_data()
     dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
+    batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
     assert batch["view1"].shape == (2, 3, 128, 128)
     assert {v.patient_id for v in dm.val_set.videos} and len(dm.train_set.videos) == 1
 
@@ -285,7 +292,7 @@ def _source_frames(dataset, index, images, size):
     """The cached frame each image (C, H, W) was made from: the best match of the resized cached frames."""
     cached = np.asarray(dataset.videos[index % len(dataset.videos)].frames(), np.float32)
     resized = torch.nn.functional.interpolate(torch.from_numpy(cached)[:, None], size=size, mode="area")[:, 0]
-    return [int(((resized - (image[0] * 0.25 + 0.5) * 255) ** 2).mean(dim=(1, 2)).argmin()) for image in images]
+    return [int(((resized - image[0].float()) ** 2).mean(dim=(1, 2)).argmin()) for image in images]
 
 
 def test_multi_crop_adds_local_views_from_the_global_views_frames_or_nearby_ones(video_root, tmp_path):
@@ -323,7 +330,9 @@ def test_multi_crop_batches_through_workers_and_the_ddp_shard_like_pairs(video_r
     for a, b in zip(first, second, strict=True):
         torch.testing.assert_close(a, b)
     local_size = round(16 * 96 / 224)
-    assert [t.shape for t in first[0]["locals"]] == [(4, 3, local_size, local_size)] * 8
+    assert [t.shape for t in first[0]["locals"]] == [(4, 1, local_size, local_size)] * 8
+    model_input = make_dm(video_root, tmp_path, views=views).on_after_batch_transfer(first[0], 0)
+    assert [t.shape for t in model_input["locals"]] == [(4, 3, local_size, local_size)] * 8
 
 
 def batches_with_locals(loader):

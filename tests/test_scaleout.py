@@ -16,18 +16,17 @@ from fetalssl.runtime import resolve_ckpt_path
 
 
 class _Indices(Dataset):
-    def __init__(self, n: int):
-        self.n, self.epoch, self.loaded = n, 0, []
+    """Returns the (epoch, index) key the sampler handed out, as FramePairDataset draws from it."""
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, n: int):
+        self.n, self.loaded = n, []
 
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int) -> tuple[int, int]:
-        self.loaded.append(i)
-        return self.epoch, i
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, int]:
+        self.loaded.append(key[1])
+        return key
 
 
 def _loader(ds: _Indices) -> ResumableDataLoader:

@@ -88,3 +88,23 @@ def test_channels_and_normalisation():
     tensor = to_normalised_tensor(three, mean=0.5, std=0.25)
     assert tensor.dtype == torch.float32 and tensor.shape == (3, 1, 2)
     torch.testing.assert_close(tensor[:, 0, :], torch.tensor([[-2.0, 2.0]] * 3))
+
+
+@pytest.mark.filterwarnings("ignore:The image is already gray")
+@pytest.mark.parametrize("name", sorted(p.stem for p in AUGMENT.glob("*.yaml")))
+def test_a_gray_frame_augmented_as_one_channel_is_the_rgb_pipelines_image(name):
+    # why the pretraining loader augments gray frames in one channel: the same views at a third of the pixel work
+    cfg = OmegaConf.create({"data": {"image_size": 48}, "augment": OmegaConf.load(AUGMENT / f"{name}.yaml")})
+    import fetalssl.runtime  # noqa: F401  (multicrop's scaled_size resolver)
+
+    views = instantiate(cfg.augment)
+    pipelines = [views["view1"], views["view2"], *views.get("locals", [])[:1]]
+    gray = sector_frame()
+    for pipeline in pipelines:
+        for seed in range(40):  # colour jitter fires with p 0.8, solarize 0.2, gray 0.2: every op is drawn
+            pipeline.set_random_seed(seed)
+            one = pipeline(image=with_channels(gray, 1))["image"]
+            pipeline.set_random_seed(seed)
+            three = pipeline(image=with_channels(gray, 3))["image"]
+            assert np.array_equal(np.repeat(one, 3, axis=-1), three), (name, seed)
+

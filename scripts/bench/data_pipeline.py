@@ -63,7 +63,7 @@ def on_the_fly_rate(records, backend, sampler, views, args) -> float:
 
 
 def cache_rate(videos, sampler, views, args) -> float:
-    dataset = FramePairDataset(videos, sampler, views, 3, args.image_size, 10**6, args.seed, 0.5, 0.25, 256, None)
+    dataset = FramePairDataset(videos, sampler, views, 3, args.image_size, 10**6, args.seed, 256, None)
     start = time.perf_counter()
     for i in range(args.pairs):
         dataset[(i % len(videos)) + len(videos) * (i // len(videos))]

@@ -25,6 +25,7 @@ HARMLESS_WARNINGS = (
     r".*Checkpoint directory .* exists and is not empty.*",  # a resumed run's own checkpoints
     r"This DataLoader will create \d+ worker processes in total.*",  # data.num_workers is the user's choice
     r"Found \d+ module\(s\) in eval mode at the start of training.*",  # a frozen backbone stays in eval mode
+    r"The image is already gray.*",  # ToGray on a gray view (augmented as one channel) is the no-op it should be
 )
 # Lightning's per-run chatter (devices found, seed set, checkpoint restored, the LitLogger tip, the stop reason).
 CHATTY_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")

@@ -2,9 +2,13 @@
 
 Reproducibility: sample i of epoch e is a pure function of (seed, e, i): the pair sampler and both
 albumentations pipelines are seeded from np.random.default_rng([seed, e, i]). Hence the samples do not depend on
-num_workers, and the epoch reaches the dataset through `EpochSampler.set_epoch`, which Lightning calls before every
-epoch (under DDP through `InterleavedShard.set_epoch`). Workers are not persistent so each epoch's workers
-are forked after the epoch was set.
+num_workers. The training sampler hands out (epoch, i) keys, so the epoch travels with each index: loader workers
+persist across epochs (no fork and no reopened memmaps per epoch) and still draw the new epoch's pairs.
+
+Feeding a GPU: views leave the workers as uint8 in the frame's own channels (a gray frame is augmented as one
+channel) and become float, normalised and ``channels`` wide after the transfer to the device
+(``VideoFramePairDataModule.on_after_batch_transfer``): 12x fewer bytes through shared memory, pinning and the
+host-to-device copy than float RGB, and a third of the augmentation work. BENCHMARKS.md section 8 has the figures.
 """
 
 from __future__ import annotations
@@ -36,13 +40,13 @@ from fetalssl.data.cache import (
 from fetalssl.data.index import VideoRecord, index_videos
 from fetalssl.data.pairs import PairSpec, compose_view
 from fetalssl.data.scan import ScanOptions
-from fetalssl.data.transforms import to_normalised_tensor, with_channels
+from fetalssl.data.transforms import normalise_uint8, to_uint8_tensor, with_channels
 from fetalssl.io import save_json
 
 log = logging.getLogger(__name__)
 
 TRAINING_DATA_FILE = "pretraining_data.json"  # what a run really trained on: patients, videos, frames
-CACHE_RGB = False  # frames are cached grayscale; 3-channel inputs replicate gray (see with_channels)
+CACHE_RGB = False  # frames are cached grayscale; 3-channel inputs replicate gray after augmentation
 
 
 def prepare(cfg_data: Mapping[str, Any]) -> CacheSummary:
@@ -109,7 +113,8 @@ def split_by_patient(
 
 
 class FramePairDataset(Dataset):
-    """Map-style: item i is a pair from video i % n_videos; {"view1", "view2"} float tensors (C, H, W)."""
+    """Map-style: item i (epoch 0) or (epoch, i) is a pair from video i % n_videos; {"view1", "view2"} uint8 tensors
+    (C, H, W) with C = 1 for gray frames (and for ``channels`` 1), else 3; multi-crop presets add "locals"."""
 
     def __init__(
         self,
@@ -120,8 +125,6 @@ class FramePairDataset(Dataset):
         image_size: int,
         samples_per_video: int,
         seed: int,
-        mean: float,
-        std: float,
         max_open_memmaps: int,
         pairs_per_epoch: int | None,
     ):
@@ -134,20 +137,14 @@ class FramePairDataset(Dataset):
         self.image_size = image_size
         self.samples_per_video = samples_per_video
         self.seed = seed
-        self.mean = mean
-        self.std = std
         self.max_open_memmaps = max_open_memmaps
         if pairs_per_epoch is not None and pairs_per_epoch < 1:
             raise ValueError(f"data.pairs_per_epoch={pairs_per_epoch}: must be >= 1 or null")
         self.pairs_per_epoch = pairs_per_epoch
-        self.epoch = 0
         self._open: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open": OrderedDict()}  # memmaps are reopened in each worker
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         # A fixed budget makes runs on more or fewer videos see (and cost) the same number of pairs.
@@ -166,10 +163,11 @@ class FramePairDataset(Dataset):
         video = self.videos[index % len(self.videos)]
         return self.pair_sampler(rng, video.n_frames, video.fps, video.stride)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} outside [0, {len(self)})")
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         spec = self.pair_spec(index, rng)
         video = self.videos[index % len(self.videos)]
         video_frames = self._frames(index % len(self.videos))
@@ -188,7 +186,10 @@ class FramePairDataset(Dataset):
 
     def _view(self, frames: dict[int, np.ndarray], view_spec, augment: A.Compose, rng: np.random.Generator,
               name: str, size: int | None) -> torch.Tensor:
-        image = with_channels(compose_view(frames, view_spec), self.channels)
+        image = compose_view(frames, view_spec)
+        # A gray frame is augmented as one channel: every preset gives the RGB pipeline's image, bit for bit
+        # (tests/test_transforms.py), at a third of the pixel work; replicated to `channels` on the device.
+        image = with_channels(image, 1 if image.ndim == 2 or self.channels == 1 else 3)
         augment.set_random_seed(int(rng.integers(2**31)))
         image = augment(image=image)["image"]
         expected = (size, size) if size is not None else (image.shape[0], image.shape[0])
@@ -197,11 +198,12 @@ class FramePairDataset(Dataset):
                 f"augmentation {name} returned {image.shape[:2]}, expected {expected}: the preset must end with a "
                 "square resize/crop (${data.image_size} for the two global views)"
             )
-        return to_normalised_tensor(image, self.mean, self.std)
+        return to_uint8_tensor(image)
 
 
-class EpochSampler(Sampler[int]):
-    """Seeded shuffle per epoch; set_epoch also moves the dataset to that epoch (fresh pairs and augmentations)."""
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Seeded shuffle per epoch, handing out (epoch, index) keys: the dataset draws that epoch's pairs and
+    augmentations in whichever (persistent) worker gets the key."""
 
     def __init__(self, dataset: FramePairDataset, shuffle: bool, seed: int):
         self.dataset = dataset
@@ -211,15 +213,14 @@ class EpochSampler(Sampler[int]):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        self.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(len(self.dataset)))
-        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dataset)).tolist())
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dataset)).tolist()
+                 if self.shuffle else range(len(self.dataset)))
+        return ((self.epoch, index) for index in order)
 
 
 class InterleavedShard(DistributedSampler):
@@ -227,7 +228,7 @@ class InterleavedShard(DistributedSampler):
 
     So batch k of W ranks x B holds exactly the samples of batch k of one process x W*B, and the order does not
     depend on the world size. Every rank gets the same number of samples, so gathering ranks never wait on each
-    other. ``set_epoch`` goes straight to the EpochSampler (and so to the dataset's pairs and augmentations) on
+    other. ``set_epoch`` goes straight to the EpochSampler (and so to the keys it hands out) on
     every Lightning version: Lightning's DistributedSamplerWrapper only forwards it from 2.6.1 on, and would
     re-permute the order with shuffle=True for training. Being a DistributedSampler, Lightning leaves it alone.
     """
@@ -254,7 +255,7 @@ class InterleavedShard(DistributedSampler):
     def __len__(self) -> int:
         return self.num_samples
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         order = list(self.sampler)[: self.total_size]
         return iter(order[self.rank :: self.num_replicas])
 
@@ -268,7 +269,7 @@ class ResumableDataLoader(DataLoader):
     configure_optimizers built the train loader early (trainer.estimated_stepping_batches does). The next pass over that epoch then skips those batches as index lists: nothing is loaded twice.
     Lightning fetches training batches without prefetching when the loader has a length, so "handed out" equals
     "trained on". Iteration starts lazily, at the first batch: on resume Lightning creates the iterator before
-    ``set_epoch``, and the sampler's order and the (forked) workers' dataset epoch must already be the resumed one.
+    ``set_epoch``, and the sampler's order (and so the epoch of its keys) must already be the resumed one.
     """
 
     def __init__(self, *args, **kwargs):
@@ -285,8 +286,9 @@ class ResumableDataLoader(DataLoader):
 
     @property
     def _index_sampler(self):
-        # torch's DataLoader draws batch indices from this property (private, stable since torch 1.2)
-        return itertools.islice(self.batch_sampler, self._handed_out, None)
+        # torch's DataLoader draws batch indices from this property (private, stable since torch 1.2); its iterator
+        # keeps the object across epochs when workers persist, so it must be iterable again, not an iterator
+        return _BatchesFrom(self)
 
     def __len__(self) -> int:
         return len(self.batch_sampler)  # the whole epoch, as Lightning counts a resumed epoch's batches from 0
@@ -298,6 +300,19 @@ class ResumableDataLoader(DataLoader):
         for batch in super().__iter__():
             self._handed_out += 1
             yield batch
+
+
+class _BatchesFrom:
+    """The loader's batches from the first one not yet handed out in this epoch (all of them unless resuming)."""
+
+    def __init__(self, loader: ResumableDataLoader):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[list]:
+        return itertools.islice(self.loader.batch_sampler, self.loader._handed_out, None)
+
+    def __len__(self) -> int:
+        return len(self.loader.batch_sampler)
 
 
 class VideoFramePairDataModule(L.LightningDataModule):
@@ -330,6 +345,7 @@ class VideoFramePairDataModule(L.LightningDataModule):
         scan: ScanOptions,
         batch_size: int,
         num_workers: int,
+        prefetch_factor: int,
         samples_per_video: int,
         max_open_memmaps: int,
         patient_fraction: float,
@@ -367,6 +383,7 @@ class VideoFramePairDataModule(L.LightningDataModule):
         self.scan = scan
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
         self.samples_per_video = samples_per_video
         self.max_open_memmaps = max_open_memmaps
         self.patient_fraction = patient_fraction
@@ -453,15 +470,14 @@ class VideoFramePairDataModule(L.LightningDataModule):
             self.image_size,
             self.samples_per_video,
             seed,
-            self.mean,
-            self.std,
             self.max_open_memmaps,
             pairs_per_epoch,
         )
 
     def _loader(
-        self, dataset: FramePairDataset, sampler: Sampler[int], drop_last: bool, loader_cls: type = DataLoader
+        self, dataset: FramePairDataset, sampler: Sampler, drop_last: bool, loader_cls: type = DataLoader
     ) -> DataLoader:
+        workers = self.num_workers > 0
         return loader_cls(
             dataset=dataset,
             batch_size=self.batch_size,
@@ -469,8 +485,17 @@ class VideoFramePairDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             drop_last=drop_last,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=False,  # workers must be re-forked after set_epoch
+            persistent_workers=workers,  # the epoch travels in the sampler's keys
+            prefetch_factor=self.prefetch_factor if workers else None,
         )
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """uint8 views on the device -> float (x / 255 - mean) / std, ``channels`` wide, as the methods expect."""
+        def normalise(images: torch.Tensor) -> torch.Tensor:
+            return normalise_uint8(images, self.mean, self.std, self.channels)
+
+        return {name: [normalise(t) for t in views] if isinstance(views, list) else normalise(views)
+                for name, views in batch.items()}
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:

@@ -97,6 +97,21 @@ def to_normalised_tensor(image: np.ndarray, mean: float | Sequence[float],
     return torch.from_numpy(chw)
 
 
+def to_uint8_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, C) -> uint8 (C, H, W), contiguous: what a pretraining loader worker ships."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def normalise_uint8(images: torch.Tensor, mean: float, std: float, channels: int) -> torch.Tensor:
+    """uint8 (..., C, H, W) with C 1 or ``channels`` -> float (..., channels, H, W), (x / 255 - mean) / std: the
+    same values as to_normalised_tensor, computed where the batch is (the GPU) after a 1-channel uint8 transfer."""
+    if images.dtype != torch.uint8 or images.shape[-3] not in (1, channels):
+        raise ValueError(f"expected uint8 images with 1 or {channels} channels, got {images.dtype} "
+                         f"{tuple(images.shape)}")
+    wide = images.expand(*images.shape[:-3], channels, *images.shape[-2:])
+    return wide.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
+
+
 def pad_to_square(image: np.ndarray) -> np.ndarray:
     """Zero-pad (H, W[, C]) to a square, the image centred (FetalCLIP's preprocessing before resizing)."""
     h, w = image.shape[:2]
