@@ -116,8 +116,8 @@ def op_shares(videos, args) -> list[dict]:
         spec = data.pair_spec(index, rng)
         video = data.videos[index % len(data.videos)]
         cached = data._frames(index % len(data.videos))
-        frames = timed("read frames (memmap)", lambda: {i: np.asarray(cached[video.cache_index(i)])
-                                                        for i in spec.frame_indices()})
+        frames = timed("read frames (memmap)", lambda c=cached, v=video, p=spec: {
+            i: np.asarray(c[v.cache_index(i)]) for i in p.frame_indices()})
         for name, view_spec in (("view1", spec.view1), ("view2", spec.view2)):
             image = timed("compose view", compose_view, frames, view_spec)
             image = timed("channels", with_channels, image, 1)
