@@ -131,6 +131,17 @@ def test_crash_mid_write_leaves_no_readable_half_entry(tmp_path, good_videos, mo
     assert (resumed.built, resumed.reused) == (1, 1) and resumed.videos[1].frames().shape == (21, 32, 64)
 
 
+
+@pytest.mark.parametrize("every_seconds, writes", [(3600.0, 1), (0.0, 2)])
+def test_the_index_is_written_periodically_not_after_every_video(tmp_path, good_videos, monkeypatch, every_seconds,
+                                                                  writes):
+    # rewriting all entries after each of N videos made preparing thousands of videos quadratic
+    written = []
+    monkeypatch.setattr(cache_module, "INDEX_WRITE_EVERY_SECONDS", every_seconds)
+    monkeypatch.setattr(cache_module, "_write_index", lambda d, entries: written.append(dict(entries)))
+    build_cache(records_for(*good_videos), tmp_path / "cache", 32, 1, False, min_decoded_fraction=0.9, scan=KEEP)
+    assert len(written) == writes and len(written[-1]) == len(good_videos)  # the last write holds every video
+
 def test_orphan_temp_and_corrupt_entry_are_not_trusted(tmp_path, good_videos):
     cache_dir = tmp_path / "cache"
     summary = build_cache(records_for(good_videos[0]), cache_dir, 32, 1, False, min_decoded_fraction=0.9, scan=KEEP)

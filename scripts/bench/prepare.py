@@ -4,13 +4,15 @@
     .venv/bin/python scripts/bench/prepare.py OUT --videos 100 1000 3000 --workers 1 2
 
 Prints, per (N, W): seconds, ms per video, the main process's peak RSS and the children's (RUSAGE_CHILDREN), and the
-speed-up of each W over W=1 at the same N. The videos (64x48, 30 frames, mp4) are written once into OUT/videos_<N>.
+speed-up of each W over W=1 at the same N. The videos (64x48, 30 frames, mp4) are written once into OUT/videos_<N>;
+every timed run starts after os.sync(), so no earlier write is flushed inside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -77,6 +79,7 @@ def main() -> None:
         for workers in args.workers:
             cache = args.out / f"cache_{n}_{workers}"
             subprocess.run(["rm", "-rf", str(cache)], check=True)
+            os.sync()  # the videos just written and the cache just removed must not be flushed inside the timing
             child = subprocess.run([sys.executable, __file__, str(args.out), "--one", str(folder), str(cache),
                                     str(workers)], capture_output=True, text=True, check=True)
             rows.append(row := json.loads(child.stdout.strip().splitlines()[-1]))

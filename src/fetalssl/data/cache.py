@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ from fetalssl.progress import progress
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
+# The index is rewritten at most this often while videos are decoded, and once at the end (also on an error or
+# Ctrl-C): rewriting all entries after each video made preparing N videos cost O(N^2) (BENCHMARKS.md section 7).
+INDEX_WRITE_EVERY_SECONDS = 10.0
 FRAMES_DIR = "frames"
 SCAN_DIR = "scan"
 FORMAT_VERSION = 3
@@ -249,8 +253,9 @@ def build_cache(
     and skipped otherwise. Raises CacheError when no video at all could be cached. ``progress_every_seconds``:
     show progress (fetalssl.progress.progress); None: silent. ``workers`` > 1 decodes in that many processes
     (forked where the platform can: this process opens no video reader before, so none crosses the fork; the
-    DataLoader workers are forked the same way); the index is written by this process alone, after each
-    video's files, and the summary keeps the order of ``records`` whatever the order of finishing.
+    DataLoader workers are forked the same way); the index is written by this process alone, only ever listing
+    videos whose files are complete (every INDEX_WRITE_EVERY_SECONDS and at the end, also when interrupted), and
+    the summary keeps the order of ``records`` whatever the order of finishing.
     """
     cache_dir = Path(cache_dir)
     (cache_dir / FRAMES_DIR).mkdir(parents=True, exist_ok=True)
@@ -283,6 +288,13 @@ def build_cache(
         shown = range(len(records))
         if progress_every_seconds is not None:
             shown = progress(shown, len(records), "frame cache", progress_every_seconds)
+        unwritten, written_at = False, time.monotonic()
+
+        def write_last_entries() -> None:
+            if unwritten:
+                _write_index(cache_dir, entries)
+
+        stack.callback(write_last_entries)  # at the end, also on an error or Ctrl-C
         for i in shown:
             record = records[i]
             if isinstance(statted[i], str):
@@ -296,8 +308,11 @@ def build_cache(
                                 min_decoded_fraction)
                     summary.truncated.append((record.path, result.truncated))
                 if result.entry is not None:
-                    entries[key] = result.entry
-                    _write_index(cache_dir, entries)  # after the video's files: a crash never indexes half an entry
+                    entries[key] = result.entry  # after the video's files: a crash never indexes half an entry
+                    unwritten = True
+                    if time.monotonic() - written_at >= INDEX_WRITE_EVERY_SECONDS:
+                        _write_index(cache_dir, entries)
+                        unwritten, written_at = False, time.monotonic()
                 if result.skipped is not None:
                     if result.scan is not None:
                         summary.scans[record.path] = result.scan

@@ -108,8 +108,8 @@ def normalise_uint8(images: torch.Tensor, mean: float, std: float, channels: int
     if images.dtype != torch.uint8 or images.shape[-3] not in (1, channels):
         raise ValueError(f"expected uint8 images with 1 or {channels} channels, got {images.dtype} "
                          f"{tuple(images.shape)}")
-    wide = images.expand(*images.shape[:-3], channels, *images.shape[-2:])
-    return wide.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
+    normalised = images.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)  # then replicated: the cheaper order
+    return normalised.expand(*images.shape[:-3], channels, *images.shape[-2:]).contiguous()
 
 
 def pad_to_square(image: np.ndarray) -> np.ndarray:
