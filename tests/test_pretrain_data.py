@@ -192,6 +192,7 @@ def test_workers_give_identical_samples_and_epochs_differ(video_root, tmp_path):
     assert not torch.equal(epoch0[0]["view1"], epoch1[0]["view1"])
     # val pairs do not follow the training epoch: val/loss stays comparable
     val_loader = dm2.val_dataloader()
+    assert not val_loader.persistent_workers  # idle between val epochs: its workers do not hold memory
     val_epoch0 = batches(val_loader)
     _set_sampler_epoch(val_loader, 4)  # Lightning's call on every loader before an epoch
     torch.testing.assert_close(val_epoch0, batches(val_loader))

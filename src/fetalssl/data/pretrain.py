@@ -475,7 +475,8 @@ class VideoFramePairDataModule(L.LightningDataModule):
         )
 
     def _loader(
-        self, dataset: FramePairDataset, sampler: Sampler, drop_last: bool, loader_cls: type = DataLoader
+        self, dataset: FramePairDataset, sampler: Sampler, drop_last: bool, persistent: bool,
+        loader_cls: type = DataLoader,
     ) -> DataLoader:
         workers = self.num_workers > 0
         return loader_cls(
@@ -485,7 +486,7 @@ class VideoFramePairDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             drop_last=drop_last,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=workers,  # the epoch travels in the sampler's keys
+            persistent_workers=persistent and workers,
             prefetch_factor=self.prefetch_factor if workers else None,
         )
 
@@ -508,7 +509,9 @@ class VideoFramePairDataModule(L.LightningDataModule):
         if world_size > 1:
             kwargs = self.trainer.distributed_sampler_kwargs
             sampler = InterleavedShard(sampler, num_replicas=kwargs["num_replicas"], rank=kwargs["rank"])
-        self._train_loader = self._loader(self.train_set, sampler, drop_last, loader_cls=ResumableDataLoader)
+        # persistent: the epoch travels in the sampler's keys, so workers need not be forked again for each epoch
+        self._train_loader = self._loader(self.train_set, sampler, drop_last, persistent=True,
+                                          loader_cls=ResumableDataLoader)
         if self._resume_train_at is not None:
             self._train_loader.resume(self._resume_train_at)
             self._resume_train_at = None
@@ -519,4 +522,5 @@ class VideoFramePairDataModule(L.LightningDataModule):
             return []
         # SequentialSampler has no set_epoch: val pairs stay those of epoch 0 so val/loss is comparable.
         batches_full = len(self.val_set) >= self.batch_size
-        return self._loader(self.val_set, SequentialSampler(self.val_set), drop_last=batches_full)
+        # not persistent: idle val workers would hold memory through every training epoch
+        return self._loader(self.val_set, SequentialSampler(self.val_set), drop_last=batches_full, persistent=False)
