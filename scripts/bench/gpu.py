@@ -1,6 +1,6 @@
 """One-command GPU benchmark (issue 17): for Barlow Twins and BYOL on ResNet-50 at 224 px, bf16 and channels_last,
 with and without torch.compile, the images/s of the training step on in-memory batches (the model's bound) and
-fed by the real frame-pair loader with one worker per CPU core, their ratio (target >= 0.9), and peak GPU and
+fed by the real frame-pair loader with one worker per CPU core but one (left to the training process), their ratio (target >= 0.9), and peak GPU and
 host memory. Writes one JSON file. Videos: the built-in synthetic data (generated into the work folder), or
 --data for real ones. Sized to finish in under 8 minutes on one H100.
 
@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from fetalssl.data.cache import available_cores
+
 BENCH = Path(__file__).resolve().parent
 METHODS = ("barlowtwins", "byol")
 MODES = ("lightning_memory", "lightning_loader")
@@ -37,8 +39,8 @@ def settings(args) -> tuple[list[str], list[bool]]:
                 "method.projector.out_dim=32", "data.samples_per_video=16", "probe=none"], [False]
     return ["trainer=gpu", "trainer.precision=bf16-mixed", "backbone=resnet50", "channels_last=true",
             "data.image_size=224", "data.short_side=256", f"data.batch_size={args.batch_size}",
-            f"data.num_workers={os.cpu_count()}", "probe=none",
-            # enough pairs that every timed step is in the first epoch (no worker re-fork in the timing)
+            f"data.num_workers={max(1, available_cores() - 1)}", "probe=none",  # the job's cores, not the node's
+            # enough pairs that every timed step is in the first epoch (the start of the workers is not timed)
             f"data.samples_per_video={max(64, 2 * args.steps * args.batch_size // 16)}"], [False, True]
 
 
@@ -94,7 +96,7 @@ def main() -> None:
             ratios[f"{method}/compile={compile_backbone}"] = (point["lightning_loader"]["images_per_s"]
                                                              / point["lightning_memory"]["images_per_s"])
     report = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.smoke else "cpu",
-              "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+              "cpu_count": os.cpu_count(), "available_cores": available_cores(), "python": platform.python_version(), "torch": torch.__version__,
               "smoke": args.smoke, "steps": args.steps, "warmup": args.warmup, "data": str(data),
               "seconds": round(time.time() - started, 1), "runs": runs,
               "loader_over_memory": ratios}
