@@ -338,3 +338,25 @@ def test_multi_crop_batches_through_workers_and_the_ddp_shard_like_pairs(video_r
 
 def batches_with_locals(loader):
     return [{k: ([t.clone() for t in v] if isinstance(v, list) else v.clone()) for k, v in b.items()} for b in loader]
+
+
+def test_views_take_a_true_half_precision_after_normalising_and_mean_std_are_one_value_each(video_root, tmp_path):
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    dm = make_dm(video_root, tmp_path)
+    shipped = {"view1": torch.full((2, 1, 4, 4), 255, dtype=torch.uint8)}
+    dm.trainer = SimpleNamespace(precision_plugin=HalfPrecision("bf16-true"))  # Lightning cast the uint8 before
+    view = dm.on_after_batch_transfer(shipped, 0)["view1"]
+    assert view.dtype == torch.bfloat16 and view.shape == (2, 3, 4, 4) and float(view[0, 0, 0, 0]) == 2.0
+    with pytest.raises(ValueError, match="one value each"):
+        make_dm(video_root, tmp_path, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+
+
+def test_an_epoch_sampler_keeps_the_epoch_it_started_with():
+    from fetalssl.data.pretrain import EpochSampler
+
+    sampler = EpochSampler(list(range(6)), shuffle=True, seed=0)
+    keys = iter(sampler)
+    first = next(keys)
+    sampler.set_epoch(1)  # e.g. called early for the next epoch: the running order stays epoch 0's
+    assert {epoch for epoch, _ in [first, *keys]} == {0} and {epoch for epoch, _ in sampler} == {1}

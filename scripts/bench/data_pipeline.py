@@ -29,7 +29,7 @@ from fetalssl.data.cache import build_cache
 from fetalssl.data.index import find_videos, read_manifest
 from fetalssl.data.pairs import TemporalPairs, compose_view
 from fetalssl.data.pretrain import FramePairDataset
-from fetalssl.data.transforms import to_normalised_tensor, with_channels
+from fetalssl.data.transforms import to_uint8_tensor, with_channels
 from fetalssl.data.video import open_video, resize_short_side
 
 CONF = Path(__file__).resolve().parents[2] / "src" / "fetalssl" / "conf"
@@ -57,8 +57,9 @@ def on_the_fly_rate(records, backend, sampler, views, args) -> float:
             for k, f in zip(spec.frame_indices(), decoded, strict=True)
         }
         for name, view_spec in (("view1", spec.view1), ("view2", spec.view2)):
-            image = views[name](image=with_channels(compose_view(frames, view_spec), 3))["image"]
-            to_normalised_tensor(image, 0.5, 0.25)
+            # as FramePairDataset makes a view (one gray channel, shipped as uint8), so only the frames' source differs
+            image = views[name](image=with_channels(compose_view(frames, view_spec), 1))["image"]
+            to_uint8_tensor(image)
     return args.pairs / (time.perf_counter() - start)
 
 

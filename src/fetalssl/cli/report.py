@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,11 +69,14 @@ def plot_filename(metric: str) -> str:
     return "f1_vs_fraction.png" if metric == DEFAULT_METRIC else f"{metric.replace('.', '_')}_vs_fraction.png"
 
 
+def score(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.3f}"  # undefined on a tiny test set (report/embeddings.py)
+
+
 def markdown_embeddings(rows: Sequence[dict]) -> str:
     lines = ["## Frozen features of the test images (embeddings.png)", "",
              f"| init | images | {KNN_K}-NN accuracy (leave-one-out) | silhouette (cosine) |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['init']} | {r['images']} | {r['knn_accuracy']:.3f} | {r['silhouette']:.3f} |".replace("nan", "n/a")
-              for r in rows]
+    lines += [f"| {r['init']} | {r['images']} | {score(r['knn_accuracy'])} | {score(r['silhouette'])} |" for r in rows]
     return "\n".join(lines)
 
 

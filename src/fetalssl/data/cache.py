@@ -254,7 +254,8 @@ def build_cache(
     show progress (fetalssl.progress.progress); None: silent. ``workers`` > 1 decodes in that many processes
     (forked where the platform can: this process opens no video reader before, so none crosses the fork; the
     DataLoader workers are forked the same way); the index is written by this process alone, only ever listing
-    videos whose files are complete (every INDEX_WRITE_EVERY_SECONDS and at the end, also when interrupted), and
+    videos whose files are complete (every INDEX_WRITE_EVERY_SECONDS and at the end, also after an error or
+    Ctrl-C; a process killed outright loses at most that many seconds of videos, decoded again next time), and
     the summary keeps the order of ``records`` whatever the order of finishing.
     """
     cache_dir = Path(cache_dir)

@@ -218,9 +218,10 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return len(self.dataset)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = (np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dataset)).tolist()
+        epoch = self.epoch  # fixed when iteration starts, like the order
+        order = (np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset)).tolist()
                  if self.shuffle else range(len(self.dataset)))
-        return ((self.epoch, index) for index in order)
+        return ((epoch, index) for index in order)
 
 
 class InterleavedShard(DistributedSampler):
@@ -377,6 +378,9 @@ class VideoFramePairDataModule(L.LightningDataModule):
         self.channels = channels
         if (mean is None) != (std is None):
             raise ValueError(f"data.mean={mean}, data.std={std}: give both, or neither (normalization=measured)")
+        if np.ndim(mean) != 0 or np.ndim(std) != 0:
+            raise ValueError(f"data.mean={mean}, data.std={std}: pretraining frames are gray, so one value each "
+                             "(the same in every channel)")
         self.mean = mean
         self.std = std
         self.normalization_source = "config" if mean is not None else None
@@ -495,8 +499,11 @@ class VideoFramePairDataModule(L.LightningDataModule):
         def normalise(images: torch.Tensor) -> torch.Tensor:
             return normalise_uint8(images, self.mean, self.std, self.channels)
 
-        return {name: [normalise(t) for t in views] if isinstance(views, list) else normalise(views)
-                for name, views in batch.items()}
+        batch = {name: [normalise(t) for t in views] if isinstance(views, list) else normalise(views)
+                 for name, views in batch.items()}
+        # Lightning casts inputs for a "-true" precision (bf16-true, 16-true) before the transfer, when they were
+        # still uint8: the float views get that cast here
+        return batch if self.trainer is None else self.trainer.precision_plugin.convert_input(batch)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
