@@ -257,3 +257,30 @@ def test_mocov3_vit_keeps_its_random_patch_projection_and_trains_the_rest(tmp_pa
     trainer(tmp_path, max_steps=2).fit(model, loader())
     assert all(torch.equal(v, patch[k]) for k, v in model.backbone.patch_embed.state_dict().items())
     assert any(not torch.equal(v, blocks[k]) for k, v in model.backbone.blocks.state_dict().items())
+
+
+def test_dino_prototypes_get_no_gradient_in_the_first_epochs_then_do(monkeypatch):
+    model = build("dino", freeze_last_layer_epochs=1).train()
+    data = RandomPairs(n=8, n_local=0)
+    epoch = {"now": 0}
+    monkeypatch.setattr(type(model), "current_epoch", property(lambda self: epoch["now"]))
+    for now, frozen in ((0, True), (1, False)):
+        model.zero_grad(set_to_none=True)
+        epoch["now"] = now
+        model.loss(batch(data.v1, data.v2)).backward()
+        model.on_after_backward()
+        assert (model.head.prototypes.grad is None) == frozen, now
+        assert model.backbone.conv1.weight.grad is not None  # the rest trains from the start
+
+
+def test_mae_names_what_it_needs_of_its_backbone():
+    from fetalssl.models.masking import check_maskable
+
+    resnet = build("barlowtwins").backbone
+    with pytest.raises(ValueError, match="timm VisionTransformer backbone.*got"):
+        check_maskable(resnet)
+    vit = build("mae").backbone
+    assert check_maskable(vit) is vit
+    vit.reg_token = torch.nn.Parameter(torch.zeros(1, 1, vit.embed_dim))
+    with pytest.raises(ValueError, match="no register tokens"):
+        check_maskable(vit)

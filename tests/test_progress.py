@@ -76,3 +76,34 @@ def test_a_run_is_quiet_by_default_ends_with_its_folder_and_says_everything_with
         assert chatter not in quiet_text and chatter in loud_text, chatter
     assert "run folder" in quiet.stdout.strip().splitlines()[-1] and quiet.stderr.strip() == ""
     assert len(quiet_text.strip().splitlines()) <= 10 < len(loud_text.strip().splitlines())
+
+
+def test_training_lines_are_due_every_log_every_seconds_and_only_on_rank_zero(monkeypatch):
+    monkeypatch.setattr(progress_module, "is_terminal", lambda: False)
+    bar = ConsoleProgress(log_every_seconds=30)
+    rank0, rank1 = SimpleNamespace(is_global_zero=True), SimpleNamespace(is_global_zero=False)
+    bar._last = progress_module.time.monotonic()
+    assert not bar._due(rank0)  # a line was just printed
+    bar._last -= 31
+    assert bar._due(rank0) and not bar._due(rank1)
+
+
+def test_a_sweep_point_logs_its_number_of_all_points_and_an_eta(tmp_path, caplog):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from fetalssl.cli.sweep import log_sweep_point
+
+    (tmp_path / "multirun.yaml").write_text("hydra:\n  sweeper:\n    params:\n      seed: 0,1,2\n"
+                                            "  overrides:\n    task: ['data_fraction=pct1,pct10']\n")
+    cfg = OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN, "sweep": {"dir": str(tmp_path)},
+                                      "job": {"num": 2}}})
+    HydraConfig.instance().cfg = cfg
+    try:
+        with caplog.at_level(logging.INFO, logger="fetalssl.cli.sweep"):
+            log_sweep_point()
+    finally:
+        HydraConfig.instance().cfg = None
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("sweep point 3 of 6, ") and "ETA" in line  # 3 seeds x 2 fractions
