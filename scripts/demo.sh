@@ -6,9 +6,6 @@
 #      3 seeds each
 #   4. print the report table (mean ± std over seeds) and SSL - random with a paired bootstrap interval
 set -euo pipefail
-# The same numbers on any x86-64 CPU: oneDNN and ATen use AVX-512 kernels where the CPU has them, and these round
-# differently from the AVX2 ones (one seed of full fine-tuning: macro-F1 0.86 vs 1.00). The README table is AVX2.
-export ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2
 DEMO=${1:-.demo}
 BIN=.venv/bin
 DATA=$DEMO/data

@@ -1,8 +1,10 @@
-"""`make demo` (scripts/demo.sh) gives the table the README shows, and the README's reading of it holds.
+"""`make demo` (scripts/demo.sh) gives the README's random-init linear row, and the README's reading of the table holds.
 
-The demo is deterministic for its seeds, so the README's numbers are asserted, not re-measured: every mean
-within TOLERANCE points (CPU kernels may differ in the last bits between machines, and one test image is about
-2 points of one seed, 0.7 of a 3-seed mean), every interval bound within INTERVAL_TOLERANCE."""
+The demo is deterministic for its seeds on one machine, but its trained cells move between CPUs (AVX2 vs AVX-512
+kernels round differently, and short small-batch training amplifies it; the README shows three runs). So what is
+asserted is what held on every machine: the random-init linear probe (a logistic regression on a fixed network's
+features) within TOLERANCE points, and the reading: SSL ahead at 10 % fully fine-tuned, no resolved difference at
+100 %."""
 
 import csv
 import re
@@ -15,8 +17,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1.5
-INTERVAL_TOLERANCE = 3.0
-COLUMNS = [("linear", 0.1), ("linear", 1.0), ("full", 0.1), ("full", 1.0)]
+COLUMNS = [("linear", 0.1), ("linear", 1.0), ("full", 0.1), ("full", 1.0)]  # the table's column order
 NUMBER = r"[+−-]?\d+\.\d"
 
 
@@ -35,7 +36,7 @@ def readme_demo_table() -> dict[str, list[list[float]]]:
     return rows
 
 
-def test_make_demo_gives_the_readme_table_and_its_claims_hold(tmp_path):
+def test_make_demo_gives_the_readmes_random_linear_row_and_its_reading_holds(tmp_path):
     subprocess.run(["bash", "scripts/demo.sh", str(tmp_path)], cwd=REPO, check=True, capture_output=True)
     report = tmp_path / "runs" / "finetune_sweep" / "demo" / "report"
     with (report / "results.csv").open() as f:
@@ -46,16 +47,11 @@ def test_make_demo_gives_the_readme_table_and_its_claims_hold(tmp_path):
                 for r in csv.DictReader(f) if r["metric"] == "test.macro_f1"}
 
     table = readme_demo_table()
-    for label, init in (("random init", "random"), ("ssl:barlowtwins", "ssl:barlowtwins")):
-        for (mode, fraction), (mean, _std) in zip(COLUMNS, table[label], strict=True):
-            assert means[(init, mode, fraction)] == pytest.approx(mean, abs=TOLERANCE), (init, mode, fraction)
-    for column, (difference, low, high) in zip(COLUMNS, table["SSL − random [95 % paired bootstrap]"], strict=True):
-        measured = gaps[column]
-        assert measured[0] == pytest.approx(difference, abs=TOLERANCE), column
-        assert measured[1:] == pytest.approx([low, high], abs=INTERVAL_TOLERANCE), column
+    for (mode, fraction), (mean, _std) in zip(COLUMNS[:2], table["random init"][:2], strict=True):
+        assert means[("random", mode, fraction)] == pytest.approx(mean, abs=TOLERANCE), (mode, fraction)
 
-    # The README's reading: SSL ahead at 10 % in both modes with the interval above 0; at 100 % not resolved.
+    # The README's reading: SSL ahead at 10 % fully fine-tuned with the interval above 0; at 100 % not resolved.
+    assert gaps[("full", 0.1)][1] > 0
     for mode in ("linear", "full"):
-        assert gaps[(mode, 0.1)][1] > 0, mode
         _difference, low, high = gaps[(mode, 1.0)]
-        assert low < 0 < high, mode
+        assert low <= 0 <= high, mode  # [0, 0] when both reach 100 % on every resample
