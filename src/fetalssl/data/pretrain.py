@@ -187,8 +187,9 @@ class FramePairDataset(Dataset):
     def _view(self, frames: dict[int, np.ndarray], view_spec, augment: A.Compose, rng: np.random.Generator,
               name: str, size: int | None) -> torch.Tensor:
         image = compose_view(frames, view_spec)
-        # A gray frame is augmented as one channel: every preset gives the RGB pipeline's image, bit for bit
-        # (tests/test_transforms.py), at a third of the pixel work; replicated to `channels` on the device.
+        # A gray frame is augmented as one channel: every preset gives the RGB pipeline's image (bit for bit on
+        # the frames of tests/test_transforms.py; OpenCV's 1- and 3-channel paths may round a pixel differently
+        # elsewhere), at a third of the pixel work; replicated to `channels` on the device.
         image = with_channels(image, 1 if image.ndim == 2 or self.channels == 1 else 3)
         augment.set_random_seed(int(rng.integers(2**31)))
         image = augment(image=image)["image"]
