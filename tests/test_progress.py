@@ -2,6 +2,8 @@
 verbose; progress as log lines where there is no terminal; sweeps say which point of how many."""
 
 import logging
+import os
+import time
 import warnings
 from types import SimpleNamespace
 
@@ -97,6 +99,8 @@ def test_a_sweep_point_logs_its_number_of_all_points_and_an_eta(tmp_path, caplog
 
     (tmp_path / "multirun.yaml").write_text("hydra:\n  sweeper:\n    params:\n      seed: 0,1,2\n"
                                             "  overrides:\n    task: ['data_fraction=pct1,pct10']\n")
+    launched = time.time() - 60  # the sweep started a minute ago (multirun.yaml is written at launch)
+    os.utime(tmp_path / "multirun.yaml", (launched, launched))
     cfg = OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN, "sweep": {"dir": str(tmp_path)},
                                       "job": {"num": 2}}})
     HydraConfig.instance().cfg = cfg
@@ -106,4 +110,5 @@ def test_a_sweep_point_logs_its_number_of_all_points_and_an_eta(tmp_path, caplog
     finally:
         HydraConfig.instance().cfg = None
     (line,) = [r.getMessage() for r in caplog.records]
-    assert line.startswith("sweep point 3 of 6, ") and "ETA" in line  # 3 seeds x 2 fractions
+    # 3 seeds x 2 fractions; 2 points took a minute, so the 4 left take two
+    assert line.startswith("sweep point 3 of 6, 1:00 elapsed") and line.endswith("ETA 2:00")
